@@ -1,0 +1,131 @@
+"""layers: Flax NNX norms and BitLinear (quant -> layers -> model -> sharding -> train).
+
+`BitLinear` is the papers' drop-in replacement for a dense layer:
+
+    y = Quant_w(W) . Quant_x(Norm(x))                        (BitNet eq. 11-12; b1.58 FAQ reference BitLinear)
+
+with the sub-layer norm (BitNet's SubLN LayerNorm, or b1.58's RMSNorm) applied before the activation
+quantisation, the weight quantised from float32 latent weights, and straight-through gradients from
+`bitnet_jax.quant`. With `weight_quant="none"`, `act_bits=None` and `norm=None` it is a plain dense layer
+`x @ W` (tested bit for bit).
+
+Parameters carry logical axis names only (`("embed", "mlp")`, ...); `bitnet_jax.sharding` maps them to mesh
+axes. Outside a mesh context they are plain arrays.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bitnet_jax import quant
+
+WEIGHT_QUANTIZERS: dict[str, Callable[..., jax.Array] | None] = {
+    "ternary": quant.ternary_weights,   # b1.58 absmean, {-1, 0, +1}
+    "binary": quant.binary_weights,     # BitNet sign, {-1, +1}
+    "none": None,                       # full precision
+}
+NORM_KINDS = ("rms", "layer")
+
+
+def make_param(value: jax.Array, axes: Sequence[str | None]) -> nnx.Param:
+  """A float parameter annotated with logical axis names; sharded eagerly only inside a mesh context."""
+  in_mesh = not jax.sharding.get_abstract_mesh().empty
+  return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=in_mesh)
+
+
+class Norm(nnx.Module):
+  """RMSNorm (b1.58, LLaMA) or LayerNorm without bias (BitNet's SubLN, eq. 12), optionally per group.
+
+  `rms`:   x * rsqrt(mean(x^2) + eps) * scale
+  `layer`: (x - E[x]) * rsqrt(Var(x) + eps) * scale
+  With `groups=G` the feature axis is split into G groups normalised separately (BitNet section 2.3: "the
+  LayerNorm is computed per group too"), so a tensor-parallel shard never needs the others' statistics.
+  Statistics in float32; the result has the input's dtype. `use_scale=False` is the paper's parameter-free form.
+  """
+
+  def __init__(self, dim: int, *, kind: str = "rms", eps: float = 1e-5, use_scale: bool = True, groups: int = 1,
+               axis_name: str | None = "embed", param_dtype=jnp.float32):
+    if kind not in NORM_KINDS:
+      raise ValueError(f"Norm kind must be one of {NORM_KINDS}, got {kind!r}")
+    if groups < 1 or dim % groups:
+      raise ValueError(f"Norm: groups={groups} must divide the feature size {dim}")
+    self.kind, self.eps, self.groups = kind, eps, groups
+    self.scale = make_param(jnp.ones((dim,), param_dtype), (axis_name,)) if use_scale else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    *lead, d = x.shape
+    xg = x.astype(jnp.float32).reshape(*lead, self.groups, d // self.groups)   # (..., G, d/G)
+    if self.kind == "layer":
+      xg = xg - jnp.mean(xg, axis=-1, keepdims=True)
+    y = xg * jax.lax.rsqrt(jnp.mean(jnp.square(xg), axis=-1, keepdims=True) + self.eps)
+    y = y.reshape(x.shape)
+    if self.scale is not None:
+      y = y * self.scale[...]
+    return y.astype(x.dtype)
+
+
+class BitLinear(nnx.Module):
+  """The BitNet / b1.58 linear layer: sub-layer norm -> activation quant -> matmul with quantised weights.
+
+  Args:
+    in_features, out_features: kernel shape [in, out] (Flax layout; `x @ kernel`).
+    weight_quant: "ternary" (b1.58 absmean), "binary" (BitNet sign), or "none".
+    act_bits: activation bits (2..8), or None for no activation quantisation.
+    act_per_token: absmax per token (b1.58, BitNet at inference) or per tensor (BitNet training).
+    act_asymmetric: BitNet's zero-point form for inputs of a non-linearity (eq. 6).
+    groups: G quantisation groups (BitNet section 2.3).
+    group_axis: "out" groups the kernel's output features (column-parallel layers: the input is whole on
+      every shard, so only the weight statistics are grouped); "in" groups its input features, and then the
+      activation absmax and the norm are per group too (row-parallel layers, whose input is feature-sharded).
+    norm: "rms", "layer" or None: the norm inside the layer (b1.58 reference and BitNet SubLN put it here).
+    norm_scale: whether that norm has a learnable gain (initialised to 1, so at init it equals the
+      parameter-free `RMSNorm(x)` of the FAQ reference code).
+    dtype: compute dtype of the matmul; the latent kernel stays `param_dtype` (float32).
+    axes: logical axis names of the kernel, e.g. ("embed", "mlp").
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, weight_quant: str = "ternary",
+               act_bits: int | None = 8, act_per_token: bool = True, act_asymmetric: bool = False,
+               groups: int = 1, group_axis: str = "out", norm: str | None = None, norm_eps: float = 1e-5,
+               norm_scale: bool = True, dtype=jnp.float32, param_dtype=jnp.float32, init_std: float = 0.02,
+               axes: Sequence[str | None] = ("embed", "mlp"), rngs: nnx.Rngs):
+    if weight_quant not in WEIGHT_QUANTIZERS:
+      raise ValueError(f"BitLinear weight_quant must be one of {tuple(WEIGHT_QUANTIZERS)}, got {weight_quant!r}")
+    if act_bits is not None and (not isinstance(act_bits, int) or not 2 <= act_bits <= 8):
+      raise ValueError(f"BitLinear act_bits must be None or an int from 2 to 8, got {act_bits!r}")
+    if group_axis not in ("in", "out"):
+      raise ValueError(f"BitLinear group_axis must be 'in' or 'out', got {group_axis!r}")
+    grouped = in_features if group_axis == "in" else out_features
+    if not isinstance(groups, int) or groups < 1 or grouped % groups:
+      raise ValueError(f"BitLinear groups={groups} must divide the {group_axis}put features "
+                       f"({grouped}) of kernel [{in_features}, {out_features}]")
+    self.weight_quant, self.act_bits = weight_quant, act_bits
+    self.act_per_token, self.act_asymmetric = act_per_token, act_asymmetric
+    self.groups, self.group_axis, self.dtype = groups, group_axis, dtype
+    in_groups = groups if group_axis == "in" else 1
+    self.norm = (Norm(in_features, kind=norm, eps=norm_eps, use_scale=norm_scale, groups=in_groups,
+                      axis_name=axes[0], param_dtype=param_dtype) if norm else None)
+    kernel = jax.random.normal(rngs.params(), (in_features, out_features), param_dtype) * init_std
+    self.kernel = make_param(kernel, axes)
+
+  def quantized_kernel(self) -> jax.Array:
+    """The de-quantised kernel the forward uses (float32, STE gradient to the latent kernel)."""
+    quantizer = WEIGHT_QUANTIZERS[self.weight_quant]
+    w = self.kernel[...]
+    if quantizer is None:
+      return w
+    return quantizer(w, groups=self.groups, axis=0 if self.group_axis == "in" else -1)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(self.dtype)
+    if self.norm is not None:
+      x = self.norm(x)
+    if self.act_bits is not None:
+      x = quant.quantize_activations(x, self.act_bits, per_token=self.act_per_token,
+                                     groups=self.groups if self.group_axis == "in" else 1,
+                                     asymmetric=self.act_asymmetric)
+    return jnp.einsum("...i,io->...o", x, self.quantized_kernel().astype(self.dtype))

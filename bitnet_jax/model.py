@@ -1,0 +1,347 @@
+"""model: the decoder-only Transformer for BitNet, BitNet b1.58 and their FP baselines (quant -> layers -> model).
+
+One code path, four variants (`ModelConfig.variant`):
+  * "b158"      BitNet b1.58 (2402.17764): ternary absmean weights, per-token 8-bit absmax activations,
+                LLaMA-like (RMSNorm, SwiGLU, rotary embeddings, no biases). As in the FAQ reference code every
+                linear layer of attention and FFN is a BitLinear with its own RMSNorm, and the block's own
+                RMSNorm is removed.
+  * "bitnet"    BitNet (2310.11453): binary weights, 8-bit absmax activations per tensor (the paper's training
+                mode), LayerNorm inside each BitLinear (SubLN, eq. 12), a GELU FFN of width 4d.
+  * "fp"        the LLaMA baseline of the b1.58 paper: same architecture, quantisation off, block pre-norms.
+  * "fp_bitnet" the BitNet architecture with quantisation off.
+Options for the released b1.58 2B4T checkpoint (2504.12285): squared-ReLU gated FFN (`ffn="relu2_glu"`),
+extra `attn_sub_norm` / `ffn_sub_norm` before o_proj / down_proj (`sub_norms=True`), grouped-query attention
+(`n_kv_heads`), tied embeddings, `rope_theta`.
+
+Not quantised, as both papers say: the embedding, the output head and the attention score computation.
+Choices the papers leave open, named: rotary position embeddings for every variant (BitNet does not say which
+positions it uses); `bitnet_asymmetric_ffn` reads BitNet's "activations before the non-linear functions" as the
+input of the FFN's second projection (the output of the GELU/ReLU), and is off by default because with SubLN that
+input is normalised and no longer non-negative.
+
+Shapes: B batch, T sequence, D d_model, H query heads, K kv heads, G = H / K, Dh head dim, F d_ff, V vocab.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bitnet_jax.layers import NORM_KINDS, WEIGHT_QUANTIZERS, BitLinear, Norm, make_param
+
+AUTO = "auto"   # a field left to the variant's default
+
+# Per-variant defaults for every field left at AUTO.
+VARIANTS: dict[str, dict] = {
+    "b158": dict(weight_quant="ternary", act_bits=8, act_per_token=True, linear_norm="rms", block_norm=None,
+                 ffn="swiglu"),
+    "bitnet": dict(weight_quant="binary", act_bits=8, act_per_token=False, linear_norm="layer", block_norm=None,
+                   ffn="gelu"),
+    "fp": dict(weight_quant="none", act_bits=None, act_per_token=True, linear_norm=None, block_norm="rms",
+               ffn="swiglu"),
+    "fp_bitnet": dict(weight_quant="none", act_bits=None, act_per_token=True, linear_norm="layer",
+                      block_norm=None, ffn="gelu"),
+}
+FFN_KINDS = ("swiglu", "relu2_glu", "gelu", "relu")
+GATED = ("swiglu", "relu2_glu")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+  """Model hyper-parameters. Fields left at "auto" take the variant's default (table `VARIANTS`)."""
+  vocab_size: int = 256
+  d_model: int = 128
+  n_layers: int = 2
+  n_heads: int = 4
+  n_kv_heads: int | None = None        # None: = n_heads (no GQA)
+  d_ff: int | str = AUTO               # auto: 4 d for gelu/relu, 8d/3 rounded up to a multiple of 64 for GLUs
+  max_seq_len: int = 256
+  variant: str = "b158"                # b158 | bitnet | fp | fp_bitnet
+  # Quantisation (auto: from the variant).
+  weight_quant: str = AUTO             # ternary | binary | none
+  act_bits: int | None | str = AUTO    # 2..8, or None for no activation quantisation
+  act_per_token: bool | str = AUTO     # per-token (b1.58) or per-tensor (BitNet training) absmax
+  bitnet_asymmetric_ffn: bool = False  # BitNet eq. 6 zero-point quantisation on the FFN down projection input
+  groups: int = 1                      # quantisation groups G (BitNet section 2.3), aligned with tensor shards
+  # Architecture (auto: from the variant).
+  linear_norm: str | None = AUTO       # norm inside each BitLinear: rms | layer | None
+  linear_norm_scale: bool = True       # a learnable gain on that norm (=1 at init: the reference's RMSNorm(x))
+  block_norm: str | None = AUTO        # pre-norm of each attention / FFN block: rms | layer | None
+  sub_norms: bool = False              # 2B4T: RMSNorm before o_proj and down_proj
+  ffn: str = AUTO                      # swiglu | relu2_glu | gelu | relu
+  rope_theta: float = 10000.0
+  tie_embeddings: bool = False
+  norm_eps: float = 1e-5
+  init_std: float = 0.02
+  dtype: str | None = None             # compute dtype; None: bfloat16 on accelerators, float32 on CPU
+  param_dtype: str = "float32"         # latent weights (always float32 in the papers' recipes)
+
+  def __post_init__(self):
+    if self.variant not in VARIANTS:
+      raise ValueError(f"ModelConfig.variant must be one of {tuple(VARIANTS)}, got {self.variant!r}")
+    for key, value in VARIANTS[self.variant].items():
+      if getattr(self, key) == AUTO:
+        object.__setattr__(self, key, value)
+    if self.n_kv_heads is None:
+      object.__setattr__(self, "n_kv_heads", self.n_heads)
+    if self.d_ff == AUTO:
+      d_ff = 4 * self.d_model if self.ffn not in GATED else 64 * math.ceil(8 * self.d_model / 3 / 64)
+      object.__setattr__(self, "d_ff", d_ff)
+    if self.dtype is None:
+      object.__setattr__(self, "dtype", "float32" if jax.default_backend() == "cpu" else "bfloat16")
+    self._validate()
+
+  def _validate(self):
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len", "groups"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+    if self.d_model % self.n_heads:
+      raise ValueError(f"ModelConfig.d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"ModelConfig.n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"ModelConfig: head_dim = d_model / n_heads = {self.head_dim} must be even for RoPE")
+    if self.weight_quant not in WEIGHT_QUANTIZERS:
+      raise ValueError(f"ModelConfig.weight_quant must be one of {tuple(WEIGHT_QUANTIZERS)}, "
+                       f"got {self.weight_quant!r}")
+    if self.act_bits is not None and (not isinstance(self.act_bits, int) or not 2 <= self.act_bits <= 8):
+      raise ValueError(f"ModelConfig.act_bits must be None or an int from 2 to 8, got {self.act_bits!r}")
+    for name in ("linear_norm", "block_norm"):
+      if getattr(self, name) not in (None, *NORM_KINDS):
+        raise ValueError(f"ModelConfig.{name} must be None or one of {NORM_KINDS}, got {getattr(self, name)!r}")
+    if self.ffn not in FFN_KINDS:
+      raise ValueError(f"ModelConfig.ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in DTYPES:
+        raise ValueError(f"ModelConfig.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+    # Every grouped feature size (column-parallel outputs, row-parallel inputs) must split into `groups`.
+    for what, size in (("d_model", self.d_model), ("d_ff", self.d_ff),
+                       ("n_kv_heads * head_dim", self.n_kv_heads * self.head_dim)):
+      if size % self.groups:
+        raise ValueError(f"ModelConfig.groups={self.groups} does not divide {what}={size}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  @property
+  def quantized(self) -> bool:
+    return self.weight_quant != "none" or self.act_bits is not None
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Presets: the papers' model configs by name.
+# ------------------------------------------------------------------------------------------------------------
+def _bitnet_table5() -> dict[str, dict]:
+  """BitNet Table 5 (hidden, layers, heads); 16K SentencePiece vocabulary (Table 6), FFN 4x."""
+  rows = {"125m": (768, 12, 12), "350m": (1024, 24, 16), "760m": (1536, 24, 16), "1.3b": (2048, 24, 32),
+          "2.7b": (2560, 32, 32), "6.7b": (4096, 32, 32), "13b": (5120, 40, 40), "30b": (7168, 48, 56)}
+  return {f"bitnet-{k}": dict(variant="bitnet", d_model=d, n_layers=n, n_heads=h, vocab_size=16384,
+                              max_seq_len=2048) for k, (d, n, h) in rows.items()}
+
+
+def _faq_table1(prefix: str, variant: str, sizes) -> dict[str, dict]:
+  """b1.58 FAQ Table 1 (hidden, GLU, heads, layers), shared by b1.58 and LLaMA; LLaMA's 32K vocab, seq 2048."""
+  rows = {"700m": (1536, 4096, 24, 24), "1.3b": (2048, 5460, 32, 24), "3b": (3200, 8640, 32, 26),
+          "3.9b": (3200, 12800, 32, 26)}
+  return {f"{prefix}-{k}": dict(variant=variant, d_model=rows[k][0], d_ff=rows[k][1], n_heads=rows[k][2],
+                                n_layers=rows[k][3], vocab_size=32000, max_seq_len=2048) for k in sizes}
+
+
+PRESETS: dict[str, dict] = {
+    **_bitnet_table5(),
+    **_faq_table1("b158", "b158", ("700m", "1.3b", "3b", "3.9b")),
+    **_faq_table1("llama", "fp", ("700m", "1.3b", "3b")),
+    # b1.58 2B4T technical report / the released checkpoint's config.json.
+    "b158-2b4t": dict(variant="b158", d_model=2560, d_ff=6912, n_layers=30, n_heads=20, n_kv_heads=5,
+                      vocab_size=128256, max_seq_len=4096, rope_theta=500000.0, ffn="relu2_glu",
+                      linear_norm=None, block_norm="rms", sub_norms=True, tie_embeddings=True),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+  """The ModelConfig of a paper's model by name (`bitnet-125m` ... `bitnet-30b`, `b158-700m` ... `b158-3.9b`,
+  `llama-700m` ... `llama-3b`, `b158-2b4t`), with optional field overrides."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown model preset {name!r}; valid names: {', '.join(PRESETS)}")
+  return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The network, in data-flow order.
+# ------------------------------------------------------------------------------------------------------------
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, rotate-half layout (LLaMA / HF): x (B, T, N, Dh), positions (B, T) or (T,)."""
+  half = x.shape[-1] // 2
+  freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)                # (Dh/2,)
+  angles = positions.astype(jnp.float32)[..., None] * freqs                      # (B?, T, Dh/2)
+  cos = jnp.cos(angles)[..., None, :]                                            # (B?, T, 1, Dh/2)
+  sin = jnp.sin(angles)[..., None, :]
+  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def _linear(cfg: ModelConfig, d_in: int, d_out: int, axes, *, parallel: str, rngs: nnx.Rngs,
+            norm: bool = True, asymmetric: bool = False) -> BitLinear:
+  """A BitLinear with the config's quantisation. parallel="column" groups outputs, "row" groups inputs."""
+  return BitLinear(d_in, d_out, weight_quant=cfg.weight_quant, act_bits=cfg.act_bits,
+                   act_per_token=cfg.act_per_token, act_asymmetric=asymmetric, groups=cfg.groups,
+                   group_axis="out" if parallel == "column" else "in",
+                   norm=cfg.linear_norm if norm else None, norm_eps=cfg.norm_eps, norm_scale=cfg.linear_norm_scale,
+                   dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), init_std=cfg.init_std,
+                   axes=axes, rngs=rngs)
+
+
+def _norm(cfg: ModelConfig, kind: str | None, dim: int, axis_name: str, groups: int = 1) -> Norm | None:
+  return Norm(dim, kind=kind, eps=cfg.norm_eps, groups=groups, axis_name=axis_name,
+              param_dtype=jnp.dtype(cfg.param_dtype)) if kind else None
+
+
+class Attention(nnx.Module):
+  """Causal multi-head attention with GQA and RoPE; q/k/v column-parallel, o row-parallel."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    self.q_proj = _linear(cfg, D, H * Dh, ("embed", "heads"), parallel="column", rngs=rngs)
+    self.k_proj = _linear(cfg, D, K * Dh, ("embed", "kv_heads"), parallel="column", rngs=rngs)
+    self.v_proj = _linear(cfg, D, K * Dh, ("embed", "kv_heads"), parallel="column", rngs=rngs)
+    self.sub_norm = _norm(cfg, "rms" if cfg.sub_norms else None, H * Dh, "heads", cfg.groups)
+    self.o_proj = _linear(cfg, H * Dh, D, ("heads", "embed"), parallel="row", rngs=rngs, norm=not cfg.sub_norms)
+
+  def __call__(self, x_btd: jax.Array, positions: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    B, T, _ = x_btd.shape
+    H, K, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    q = rope(self.q_proj(x_btd).reshape(B, T, H, Dh), positions, cfg.rope_theta)    # (B, T, H, Dh)
+    k = rope(self.k_proj(x_btd).reshape(B, T, K, Dh), positions, cfg.rope_theta)    # (B, T, K, Dh)
+    v = self.v_proj(x_btd).reshape(B, T, K, Dh)                                     # (B, T, K, Dh)
+    q = q.reshape(B, T, K, H // K, Dh)                                              # (B, T, K, G, Dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(Dh)
+    causal = jnp.tril(jnp.ones((T, T), dtype=bool))                                # (T, S)
+    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)                        # (B, K, G, T, S)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H * Dh)          # (B, T, H*Dh)
+    if self.sub_norm is not None:
+      out = self.sub_norm(out)
+    return self.o_proj(out)
+
+
+class FeedForward(nnx.Module):
+  """SwiGLU / squared-ReLU GLU (gate, up, down) or a two-layer GELU/ReLU MLP (up, down)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.kind = cfg.ffn
+    D, F = cfg.d_model, cfg.d_ff
+    self.gate_proj = (_linear(cfg, D, F, ("embed", "mlp"), parallel="column", rngs=rngs)
+                      if cfg.ffn in GATED else None)
+    self.up_proj = _linear(cfg, D, F, ("embed", "mlp"), parallel="column", rngs=rngs)
+    self.sub_norm = _norm(cfg, "rms" if cfg.sub_norms else None, F, "mlp", cfg.groups)
+    self.down_proj = _linear(cfg, F, D, ("mlp", "embed"), parallel="row", rngs=rngs, norm=not cfg.sub_norms,
+                             asymmetric=cfg.bitnet_asymmetric_ffn)
+
+  def __call__(self, x_btd: jax.Array) -> jax.Array:
+    up = self.up_proj(x_btd)                                                        # (B, T, F)
+    if self.kind == "swiglu":
+      h = jax.nn.silu(self.gate_proj(x_btd)) * up
+    elif self.kind == "relu2_glu":
+      h = jnp.square(jax.nn.relu(self.gate_proj(x_btd))) * up
+    elif self.kind == "gelu":
+      h = jax.nn.gelu(up)
+    else:
+      h = jax.nn.relu(up)
+    if self.sub_norm is not None:
+      h = self.sub_norm(h)
+    return self.down_proj(h)
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then + ffn(norm(.)); the norms are absent when BitLinear has them."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.attn_norm = _norm(cfg, cfg.block_norm, cfg.d_model, "embed")
+    self.attn = Attention(cfg, rngs=rngs)
+    self.ffn_norm = _norm(cfg, cfg.block_norm, cfg.d_model, "embed")
+    self.ffn = FeedForward(cfg, rngs=rngs)
+
+  def __call__(self, x_btd: jax.Array, positions: jax.Array) -> jax.Array:
+    h = self.attn_norm(x_btd) if self.attn_norm is not None else x_btd
+    x_btd = x_btd + self.attn(h, positions)
+    h = self.ffn_norm(x_btd) if self.ffn_norm is not None else x_btd
+    return x_btd + self.ffn(h)
+
+
+class Transformer(nnx.Module):
+  """Causal decoder-only LM: int32 tokens (B, T) -> float32 logits (B, T, V)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pdt = jnp.dtype(cfg.param_dtype)
+    self.embed = make_param(jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model), pdt) * cfg.init_std,
+                            ("vocab", "embed"))
+    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+    self.final_norm = _norm(cfg, cfg.block_norm or cfg.linear_norm or "rms", cfg.d_model, "embed")
+    self.head = None if cfg.tie_embeddings else make_param(
+        jax.random.normal(rngs.params(), (cfg.d_model, cfg.vocab_size), pdt) * cfg.init_std, ("embed", "vocab"))
+
+  def __call__(self, tokens_bt: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    B, T = tokens_bt.shape
+    if T > cfg.max_seq_len:
+      raise ValueError(f"sequence length {T} exceeds ModelConfig.max_seq_len={cfg.max_seq_len}")
+    x = jnp.take(self.embed[...], tokens_bt, axis=0).astype(cfg.dtype)             # (B, T, D)
+    positions = jnp.arange(T)                                                       # (T,)
+    for block in self.blocks:
+      x = block(x, positions)
+    x = self.final_norm(x)
+    head = self.embed[...].T if self.head is None else self.head[...]               # (D, V)
+    return jnp.einsum("btd,dv->btv", x, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Parameter counts without allocation.
+# ------------------------------------------------------------------------------------------------------------
+def count_params(cfg: ModelConfig) -> dict[str, int]:
+  """{"total", "non_embedding", "embedding"} parameter counts via `nnx.eval_shape` (nothing is allocated).
+
+  "embedding" counts the input embedding and an untied output head, the parameters that stay high precision.
+  """
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  params = nnx.state(abstract, nnx.Param)
+  total = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+  embedding = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+  return {"total": total, "non_embedding": total - embedding, "embedding": embedding}
+
+
+def _fmt(n: int) -> str:
+  return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description="bitnet_jax model presets (the papers' configs).")
+  parser.add_argument("--list", action="store_true", help="print every preset with its parameter counts")
+  args = parser.parse_args(argv)
+  if not args.list:
+    parser.print_help()
+    return
+  print(f"| preset | variant | d_model | layers | heads | kv | d_ff | vocab | params | non-embedding |")
+  print(f"|---|---|---|---|---|---|---|---|---|---|")
+  for name in PRESETS:
+    cfg = preset(name, dtype="float32")
+    n = count_params(cfg)
+    print(f"| {name} | {cfg.variant} | {cfg.d_model} | {cfg.n_layers} | {cfg.n_heads} | {cfg.n_kv_heads} | "
+          f"{cfg.d_ff} | {cfg.vocab_size} | {_fmt(n['total'])} | {_fmt(n['non_embedding'])} |")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,314 @@
+"""quant: pure-jnp quantizers with straight-through gradients (quant -> layers -> model -> sharding -> train).
+
+Every fake-quant function here returns the de-quantized value (codes times scale) in the input's dtype, and
+its gradient is the straight-through estimator (STE): the cotangent passes through unchanged, exactly as the
+reference code's `x + (q(x) - x).detach()` trick gives. Statistics are computed in float32 whatever the input
+dtype. No Flax: these functions are jit-, vmap- and grad-safe and are tested in isolation
+(`tests/test_quant.py`) against numpy oracles of the papers' formulas.
+
+Formulas (see ../shared/PAPERS.md):
+  * `binary_weights`      BitNet (2310.11453) eq. 1-4: `Sign(W - alpha) * beta`, alpha = mean(W), beta = mean|W|.
+  * `ternary_weights`     BitNet b1.58 (2402.17764) eq. 1-3, bit-for-bit the FAQ reference `weight_quant`.
+  * `quantize_activations` BitNet eq. 5-6 (absmax, and the zero-point form for non-negative inputs), per token
+                          bit-for-bit the FAQ reference `activation_quant`.
+  * `groups=G`            BitNet section 2.3, "model parallelism with group quantization": G independent groups,
+                          each with its own alpha_g, beta_g, gamma_g, eta_g.
+
+Deviation from the BitNet text, named: the paper scales activations by `Q_b = 2^(b-1)` and clips to
+`[-Q_b + eps, Q_b - eps]`, which after rounding would produce the code 2^(b-1), outside a signed b-bit integer.
+We follow the b1.58 FAQ reference code instead: scale by `2^(b-1) - 1` (127 for 8 bits) and clip to
+`[-2^(b-1), 2^(b-1) - 1]`. The zero-point form uses the same `2^(b-1) - 1`, so its codes fit a signed int8 too.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+# Clamp on the statistic before it is inverted, as in the FAQ reference code (`clamp_(min=1e-5)`).
+EPS = 1e-5
+
+__all__ = [
+    "EPS",
+    "straight_through",
+    "binary_weights",
+    "ternary_weights",
+    "quantize_activations",
+    "binary_codes",
+    "ternary_codes",
+    "activation_codes",
+    "expand_group_scale",
+]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The straight-through estimator.
+# --------------------------------------------------------------------------------------------------------------
+def straight_through(fake_quant: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+  """Wraps `fake_quant(x, **static)` in a `jax.custom_vjp` whose backward is the identity (the STE).
+
+  BitNet section 2.4: "the straight-through estimator (STE) to approximate the gradient ... bypasses the
+  non-differentiable functions, such as the Sign and Clip functions". The identity holds through the scale
+  too, matching the reference code's `w + (weight_quant(w) - w).detach()`.
+  """
+
+  @functools.wraps(fake_quant)
+  def wrapped(x, **static):
+    @jax.custom_vjp
+    def op(x):
+      return fake_quant(x, **static)
+
+    def fwd(x):
+      return fake_quant(x, **static), None
+
+    def bwd(_, g):
+      return (g,)
+
+    op.defvjp(fwd, bwd)
+    return op(x)
+
+  return wrapped
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Group layout helpers: split one axis of size n into (G, n / G) and reduce statistics per group.
+# --------------------------------------------------------------------------------------------------------------
+def _check_groups(shape: tuple[int, ...], groups: int, axis: int, what: str) -> int:
+  """Validates `groups` against `shape[axis]` and returns the normalised (non-negative) axis."""
+  if not shape:
+    raise ValueError(f"{what}: expected an array with at least one dimension, got a scalar")
+  if not isinstance(axis, int) or not -len(shape) <= axis < len(shape):
+    raise ValueError(f"{what}: axis={axis!r} is out of range for shape {shape}")
+  axis = axis % len(shape)
+  if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+    raise ValueError(f"{what}: groups must be a positive int, got {groups!r}")
+  if shape[axis] % groups:
+    raise ValueError(
+        f"{what}: groups={groups} does not divide dimension {axis} of shape {shape} (size {shape[axis]})")
+  return axis
+
+
+def _split(x: jax.Array, groups: int, axis: int) -> jax.Array:
+  """[..., n, ...] -> [..., G, n/G, ...] with the group index at `axis` and the members at `axis + 1`."""
+  s = x.shape
+  return x.reshape(s[:axis] + (groups, s[axis] // groups) + s[axis + 1:])
+
+
+def _mean(x: jax.Array, axis, keepdims: bool = True) -> jax.Array:
+  """Sum, then one division by the count: torch's `mean` rounding. (`jnp.mean` multiplies by 1/n, which can
+  differ in the last bit when n is not a power of two, and would break bit-equality with the reference.)"""
+  axes = (axis,) if isinstance(axis, int) else axis
+  count = 1
+  for a in axes:
+    count *= x.shape[a]
+  total = jnp.sum(x, axis=axis, keepdims=keepdims)
+  return total / _pin(jnp.full(total.shape, count, total.dtype))   # see `_pin`: keeps it a true division
+
+
+def _pin(stat: jax.Array) -> jax.Array:
+  """Stops XLA's algebraic simplifier from re-associating through a scale.
+
+  XLA re-associates through scales (`x / (q / g)`, `w * (1 / m)`) and turns a division by a broadcast or a
+  constant into a multiplication by its reciprocal (`sum / n` -> `sum * (1 / n)`); each rounds differently from
+  the reference code's operation order. Values passed through this barrier are opaque to those rewrites.
+  """
+  return jax.lax.optimization_barrier(stat)
+
+
+def _reduce_all_but(x: jax.Array, keep: int, fn) -> jax.Array:
+  """Reduces every axis except `keep` with `fn` (`_mean` / jnp.max / jnp.min), keeping dims."""
+  return fn(x, axis=tuple(i for i in range(x.ndim) if i != keep), keepdims=True)
+
+
+def _group_scale(stat: jax.Array, axis: int) -> jax.Array:
+  """Drops the (size-1) member axis of a grouped statistic: [..., G, 1, ...] -> [..., G, ...]."""
+  return jnp.squeeze(stat, axis=axis + 1)
+
+
+def expand_group_scale(scale: jax.Array, shape: tuple[int, ...], axis: int = -1) -> jax.Array:
+  """Broadcasts a per-group scale (size G along `axis`) to `shape` by repeating each group's value n/G times.
+
+  `codes * expand_group_scale(scale, codes.shape, axis)` is the de-quantized tensor.
+  """
+  axis = axis % len(shape)
+  groups = scale.shape[axis]
+  if shape[axis] % groups:
+    raise ValueError(f"scale with {groups} groups on axis {axis} does not fit shape {shape}")
+  return jnp.broadcast_to(jnp.repeat(scale, shape[axis] // groups, axis=axis), shape)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Weights: BitNet binarisation and b1.58 absmean ternarisation.
+# --------------------------------------------------------------------------------------------------------------
+def _binary(w: jax.Array, groups: int, axis: int):
+  """Codes in {-1, +1} (float32, grouped layout) and beta per group. BitNet eq. 1-4; Sign(0) = -1."""
+  wg = _split(w.astype(jnp.float32), groups, axis)
+  alpha = _reduce_all_but(wg, axis, _mean)           # alpha_g = (G / nm) sum W^(g)
+  beta = _pin(_reduce_all_but(jnp.abs(wg), axis, _mean))  # beta_g = (G / nm) ||W^(g)||_1
+  codes = jnp.where(wg - alpha > 0, 1.0, -1.0)
+  return codes, beta
+
+
+def _ternary(w: jax.Array, groups: int, axis: int):
+  """Codes in {-1, 0, +1} (float32, grouped layout) and s = 1 / max(mean|W|, eps) per group.
+
+  b1.58 eq. 1-3 written exactly as the FAQ reference `weight_quant`: `s = 1 / max(mean|w|, 1e-5)`,
+  `round(w * s)` (half to even, as torch.round) clipped to [-1, 1]; the de-quantized value is codes / s.
+  """
+  wg = _split(w.astype(jnp.float32), groups, axis)
+  s = _pin(1.0 / jnp.maximum(_reduce_all_but(jnp.abs(wg), axis, _mean), EPS))
+  codes = jnp.clip(jnp.round(wg * s), -1.0, 1.0)
+  return codes, s
+
+
+def _binary_fq(w, *, groups: int = 1, axis: int = -1):
+  axis = _check_groups(w.shape, groups, axis, "binary_weights")
+  codes, beta = _binary(w, groups, axis)
+  return (codes * beta).reshape(w.shape).astype(w.dtype)
+
+
+def _ternary_fq(w, *, groups: int = 1, axis: int = -1):
+  axis = _check_groups(w.shape, groups, axis, "ternary_weights")
+  codes, s = _ternary(w, groups, axis)
+  return (codes / s).reshape(w.shape).astype(w.dtype)
+
+
+_binary_ste = straight_through(_binary_fq)
+_ternary_ste = straight_through(_ternary_fq)
+
+
+def binary_weights(w: jax.Array, *, groups: int = 1, axis: int = -1) -> jax.Array:
+  """BitNet binarisation (2310.11453 eq. 1-4) with an STE gradient: `Sign(W - alpha) * beta`.
+
+  alpha = mean(W), beta = mean(|W|) (of the uncentred W), Sign(w) = +1 if w > 0 else -1 (so Sign(0) = -1).
+  With `groups=G` the weight is split into G equal groups along `axis` (for a Flax kernel [in, out], axis=-1
+  is the output features) and each group has its own alpha_g and beta_g (BitNet section 2.3). Statistics are
+  reduced over every other axis.
+  """
+  return _binary_ste(w, groups=groups, axis=axis)
+
+
+def ternary_weights(w: jax.Array, *, groups: int = 1, axis: int = -1) -> jax.Array:
+  """b1.58 absmean ternarisation (2402.17764 eq. 1-3) with an STE gradient.
+
+  `gamma = mean|W|`, `RoundClip(W / (gamma + eps), -1, 1) * gamma`, computed exactly as the FAQ reference
+  `weight_quant`: `s = 1 / max(mean|w|, 1e-5)`, `clip(round(w * s), -1, 1) / s` (equal in float32).
+  `groups` and `axis` as in `binary_weights`.
+  """
+  return _ternary_ste(w, groups=groups, axis=axis)
+
+
+def binary_codes(w: jax.Array, *, groups: int = 1, axis: int = -1) -> tuple[jax.Array, jax.Array]:
+  """Inference form of `binary_weights`: (int8 codes in {-1, +1} shaped like w, float32 beta per group).
+
+  The scale has w's rank with size G along `axis` and 1 elsewhere; `codes * expand_group_scale(scale, ...)`
+  equals `binary_weights(w, ...)` in float32 exactly.
+  """
+  axis = _check_groups(w.shape, groups, axis, "binary_codes")
+  codes, beta = _binary(w, groups, axis)
+  return codes.reshape(w.shape).astype(jnp.int8), _group_scale(beta, axis)
+
+
+def ternary_codes(w: jax.Array, *, groups: int = 1, axis: int = -1) -> tuple[jax.Array, jax.Array]:
+  """Inference form of `ternary_weights`: (int8 codes in {-1, 0, +1}, float32 scale = 1/s = mean|W| per group).
+
+  Because every code is -1, 0 or +1, `codes * (1 / s)` equals the reference `codes / s` exactly. The scale has
+  w's rank with size G along `axis` and 1 elsewhere.
+  """
+  axis = _check_groups(w.shape, groups, axis, "ternary_codes")
+  codes, s = _ternary(w, groups, axis)
+  return codes.reshape(w.shape).astype(jnp.int8), _group_scale(1.0 / s, axis)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Activations: absmax, symmetric or with a zero point.
+# --------------------------------------------------------------------------------------------------------------
+def _check_bits(bits, what: str) -> int:
+  if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
+    raise ValueError(f"{what}: bits must be an int from 2 to 8, got {bits!r}")
+  return bits
+
+
+def _act_stat(xg: jax.Array, fn, per_token: bool) -> jax.Array:
+  """Reduces a grouped activation [..., G, d/G]: per token over the members only, per tensor over all but G."""
+  if per_token:
+    return fn(xg, axis=-1, keepdims=True)
+  return _reduce_all_but(xg, xg.ndim - 2, fn)
+
+
+def _symmetric(x: jax.Array, bits: int, per_token: bool, groups: int):
+  """Codes (float32, grouped [..., G, d/G]) and s = q / max(gamma, eps), q = 2^(b-1) - 1.
+
+  Per token with 8 bits this is the FAQ reference `activation_quant`:
+  `s = 127 / max(max|x|, 1e-5)`, `clip(round(x * s), -128, 127)`; the de-quantized value is codes / s.
+  """
+  q = 2.0 ** (bits - 1) - 1.0
+  xg = _split(x.astype(jnp.float32), groups, x.ndim - 1)
+  gamma = _act_stat(jnp.abs(xg), jnp.max, per_token)       # gamma_g = max |x^(g)|
+  s = _pin(q / jnp.maximum(gamma, EPS))
+  codes = jnp.clip(jnp.round(xg * s), -q - 1.0, q)
+  return codes, s
+
+
+def _asymmetric(x: jax.Array, bits: int, per_token: bool, groups: int):
+  """BitNet eq. 6, the zero-point form for inputs of a non-linearity: codes in [0, q], eta = min(x).
+
+  `codes = clip(round((x - eta) * s), 0, q)` with `s = q / max(gamma, eps)`, gamma = max|x| (the paper's
+  gamma), q = 2^(b-1) - 1; the de-quantized value is codes / s + eta. For non-negative x (after a ReLU) the
+  range [eta, eta + gamma] covers every input; for inputs with negative values it clips the top.
+  """
+  q = 2.0 ** (bits - 1) - 1.0
+  xg = _split(x.astype(jnp.float32), groups, x.ndim - 1)
+  eta = _act_stat(xg, jnp.min, per_token)                  # eta_g = min x^(g)
+  gamma = _act_stat(jnp.abs(xg), jnp.max, per_token)
+  s = _pin(q / jnp.maximum(gamma, EPS))
+  codes = jnp.clip(jnp.round((xg - eta) * s), 0.0, q)
+  return codes, s, eta
+
+
+def _activations_fq(x, *, bits: int = 8, per_token: bool = True, groups: int = 1, asymmetric: bool = False):
+  _check_bits(bits, "quantize_activations")
+  _check_groups(x.shape, groups, -1, "quantize_activations")
+  if asymmetric:
+    codes, s, eta = _asymmetric(x, bits, per_token, groups)
+  else:
+    (codes, s), eta = _symmetric(x, bits, per_token, groups), 0.0
+  # XLA rewrites `codes / broadcast(s)` into `codes * broadcast(1 / s)`, one rounding off the reference's true
+  # division for codes other than 0 and +-1. Dividing by a materialised, pinned broadcast keeps it a division.
+  # (The weight quantisers need no such care: their codes are -1, 0, +1, for which c / s == c * (1 / s).)
+  y = codes / _pin(jnp.broadcast_to(s, codes.shape)) + eta
+  return y.reshape(x.shape).astype(x.dtype)
+
+
+_activations_ste = straight_through(_activations_fq)
+
+
+def quantize_activations(x: jax.Array, bits: int = 8, *, per_token: bool = True, groups: int = 1,
+                         asymmetric: bool = False) -> jax.Array:
+  """Absmax activation fake-quantisation to `bits` (2..8) with an STE gradient. BitNet eq. 5-6.
+
+  * `per_token=True`: one gamma per row over the last (feature) axis; with 8 bits, equal in float32 to the FAQ
+    reference `activation_quant` (`s = 127 / max(max|x|, 1e-5)`, round, clip to [-128, 127], divide by s).
+  * `per_token=False`: one gamma over the whole tensor (BitNet's training mode). Note that a per-tensor scale
+    is computed over every position, so it lets later tokens influence earlier ones through one scalar.
+  * `groups=G`: the feature axis is split into G groups with their own gamma (and eta) each.
+  * `asymmetric=True`: the zero-point form for non-negative inputs, `(x - eta) * q / gamma` clipped to [0, q].
+  """
+  return _activations_ste(x, bits=bits, per_token=per_token, groups=groups, asymmetric=asymmetric)
+
+
+def activation_codes(x: jax.Array, bits: int = 8, *, per_token: bool = True,
+                     groups: int = 1) -> tuple[jax.Array, jax.Array]:
+  """Inference form of symmetric `quantize_activations`: (int8 codes, float32 scale = 1/s per row and group).
+
+  The scale has shape x.shape[:-1] + (G,) per token, (1, ..., 1, G) per tensor. `codes * expand(scale)` equals
+  the fake-quantised value to within one float32 rounding (the reference divides by s; a product with 1/s can
+  differ in the last bit).
+  """
+  _check_bits(bits, "activation_codes")
+  _check_groups(x.shape, groups, -1, "activation_codes")
+  codes, s = _symmetric(x, bits, per_token, groups)
+  return codes.reshape(x.shape).astype(jnp.int8), jnp.squeeze(1.0 / s, axis=-1)
