@@ -16,7 +16,7 @@ $(STAMP): requirements.txt pyproject.toml
 install: $(STAMP)
 
 train: $(STAMP)
-	$(PY) -m bitnet_jax.model --list
+	$(PY) -m bitnet_jax.compare --workdir=runs/quickstart
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

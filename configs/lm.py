@@ -1,0 +1,106 @@
+"""Language-model training configs: BitNet b1.58, BitNet and the FP baseline on the embedded corpus.
+
+Launch:
+  python -m bitnet_jax.train --config=configs/lm.py:b158-tiny --workdir=runs/b158-tiny
+  python -m bitnet_jax.train --config=configs/lm.py:fp-small --workdir=runs/fp-small --config.train.steps=200
+  python -m bitnet_jax.train --config=configs/lm.py:b158-700m,seq_len=2048 --workdir=gs://bucket/b158-700m
+
+Variants (`:NAME`), decoded by `VARIANTS` below:
+  * `{b158,fp,bitnet}-tiny`   ~0.3M parameters, a step in well under a second on a CPU: tests and smoke runs.
+  * `{b158,fp,bitnet}-small`  the quickstart's size (`make train` trains b158-small and fp-small side by side).
+  * a model preset name from `bitnet_jax.model.PRESETS` (`bitnet-125m` ... `bitnet-30b`, `b158-700m` ...
+    `b158-3.9b`, `llama-700m` ... `llama-3b`, `b158-2b4t`) with the paper's recipe for that size
+    (BitNet Table 5-6, b1.58 FAQ Table 2).
+Options after the name: `steps=`, `batch=`, `seq_len=`, `smoke` (a 20-step run of the same code path).
+Pick the variant by name rather than `--config.model.variant`, which does not re-derive the variant's defaults.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from bitnet_jax import data, optim
+from bitnet_jax.model import PRESETS, ModelConfig, preset
+from configs.common import model_config_dict, parse_arg
+
+_VOCAB = data.ByteTokenizer.vocab_size
+# name: (model variant, optimisation recipe, model dims, train defaults)
+_SMALL_SIZES = {
+    "tiny": dict(d_model=64, n_layers=2, n_heads=4, max_seq_len=128),
+    "small": dict(d_model=192, n_layers=4, n_heads=4, max_seq_len=256),
+}
+_TRAIN = {
+    "tiny": dict(steps=200, batch_size=8, seq_len=64, eval_every=100, checkpoint_every=100),
+    "small": dict(steps=400, batch_size=16, seq_len=128, eval_every=100, checkpoint_every=100),
+    "paper": dict(steps=40000, batch_size=256, seq_len=2048, eval_every=1000, checkpoint_every=1000),
+}
+_RECIPE = {"b158": "b158", "bitnet": "bitnet", "fp": "llama", "fp_bitnet": "bitnet"}
+# The byte-level corpus is tiny next to the papers'; our small models use the learning rate of the papers'
+# smallest size for their recipe, except where a size-matched value exists.
+_SMALL_LR = {"b158": (1.5e-3, 1e-3), "bitnet": 2.4e-3, "llama": 2.5e-4}
+
+
+def _decode(variant: str) -> tuple[ModelConfig, ml_collections.ConfigDict, dict]:
+  """variant name -> (model config, optim config, train defaults)."""
+  if variant in PRESETS:
+    cfg = preset(variant)
+    recipe = _RECIPE[cfg.variant]
+    size = variant.split("-", 1)[1]
+    try:
+      opt = optim.default_optim_config(recipe, size)
+    except ValueError:   # e.g. b158-2b4t: no paper LR for this size in the recipe's table
+      opt = optim.default_optim_config(recipe)
+    return cfg, opt, _TRAIN["paper"]
+  kind, _, size = variant.partition("-")
+  model_variant = {"b158": "b158", "fp": "fp", "bitnet": "bitnet"}.get(kind)
+  if model_variant is None or size not in _SMALL_SIZES:
+    raise ValueError(f"unknown config variant {variant!r}; valid: "
+                     f"{', '.join(f'{k}-{s}' for s in _SMALL_SIZES for k in ('b158', 'fp', 'bitnet'))}, "
+                     f"or a model preset: {', '.join(PRESETS)}")
+  cfg = ModelConfig(variant=model_variant, vocab_size=_VOCAB, **_SMALL_SIZES[size])
+  recipe = _RECIPE[model_variant]
+  opt = optim.default_optim_config(recipe)
+  lr = _SMALL_LR[recipe]
+  if isinstance(lr, tuple):
+    opt.lr, opt.lr2 = lr
+  else:
+    opt.lr = lr
+  opt.warmup_steps = _TRAIN[size]["steps"] // 10   # the papers' 375-750 warmup steps outlast these short runs
+  return cfg, opt, _TRAIN[size]
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = parse_arg(arg, variant="b158-tiny", steps=0, batch=0, seq_len=0, smoke=False)
+  model_cfg, optim_cfg, train_defaults = _decode(arg.variant)
+
+  config = ml_collections.ConfigDict()
+  config.name = arg.variant
+  config.model = model_config_dict(model_cfg)
+  config.optim = optim_cfg
+
+  config.data = ml_collections.ConfigDict()
+  config.data.source = "stdlib"         # stdlib | python_paths | text_dir:PATH | tfds:NAME[:SPLIT]
+  config.data.valid_fraction = 0.02     # held out by file
+  config.data.text_key = "text"         # the feature to read from a TFDS dataset
+  config.data.eval_batches = 8          # fixed evenly spaced validation windows
+
+  config.train = ml_collections.ConfigDict()
+  config.train.steps = arg.steps or train_defaults["steps"]
+  config.train.batch_size = arg.batch or train_defaults["batch_size"]
+  config.train.seq_len = arg.seq_len or train_defaults["seq_len"]
+  config.train.eval_every = train_defaults["eval_every"]
+  config.train.checkpoint_every = train_defaults["checkpoint_every"]
+  config.train.keep_checkpoints = 3     # the last k checkpoints are kept
+  config.train.log_every = 10           # metrics.jsonl / progress bar cadence
+  config.train.seed = 0                 # model init and data order
+  config.train.async_checkpoint = True  # orbax writes in the background; a killed run keeps the last complete one
+  config.train.sample_tokens = 0        # >0: print a greedy sample of this length at the end
+
+  if arg.smoke:   # same code path, tiny sizes
+    config.train.steps = 20
+    config.train.eval_every = config.train.checkpoint_every = 10
+    config.train.log_every = 5
+    config.data.eval_batches = 2
+  if config.train.seq_len > model_cfg.max_seq_len:
+    config.model.max_seq_len = config.train.seq_len
+  return config
