@@ -56,16 +56,21 @@ class Norm(nnx.Module):
     self.kind, self.eps, self.groups = kind, eps, groups
     self.scale = make_param(jnp.ones((dim,), param_dtype), (axis_name,)) if use_scale else None
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def normalize(self, x: jax.Array) -> jax.Array:
+    """The normalisation without the gain, in float32. Layers that share an input share this result."""
     *lead, d = x.shape
     xg = x.astype(jnp.float32).reshape(*lead, self.groups, d // self.groups)   # (..., G, d/G)
     if self.kind == "layer":
       xg = xg - jnp.mean(xg, axis=-1, keepdims=True)
     y = xg * jax.lax.rsqrt(jnp.mean(jnp.square(xg), axis=-1, keepdims=True) + self.eps)
-    y = y.reshape(x.shape)
-    if self.scale is not None:
-      y = y * self.scale[...]
-    return y.astype(x.dtype)
+    return y.reshape(x.shape)
+
+  def apply_gain(self, normalized: jax.Array, dtype) -> jax.Array:
+    y = normalized * self.scale[...] if self.scale is not None else normalized
+    return y.astype(dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.apply_gain(self.normalize(x), x.dtype)
 
 
 class BitLinear(nnx.Module):
@@ -120,10 +125,12 @@ class BitLinear(nnx.Module):
       return w
     return quantizer(w, groups=self.groups, axis=0 if self.group_axis == "in" else -1)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, *, normalized: jax.Array | None = None) -> jax.Array:
+    """y = Quant_w(W) . Quant_x(Norm(x)). `normalized`, if given, is `self.norm.normalize(x)` computed once for
+    several layers that read the same x (q/k/v, gate/up): only this layer's gain is applied to it."""
     x = x.astype(self.dtype)
     if self.norm is not None:
-      x = self.norm(x)
+      x = self.norm.apply_gain(self.norm.normalize(x) if normalized is None else normalized, self.dtype)
     if self.act_bits is not None:
       x = quant.quantize_activations(x, self.act_bits, per_token=self.act_per_token,
                                      groups=self.groups if self.group_axis == "in" else 1,

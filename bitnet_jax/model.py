@@ -207,6 +207,11 @@ def _norm(cfg: ModelConfig, kind: str | None, dim: int, axis_name: str, groups: 
               param_dtype=jnp.dtype(cfg.param_dtype)) if kind else None
 
 
+def _shared_norm(layer: BitLinear, x: jax.Array) -> jax.Array | None:
+  """The gain-free norm of x for the column-parallel BitLinears that read it (they share kind, eps and groups)."""
+  return layer.norm.normalize(x.astype(layer.dtype)) if layer.norm is not None else None
+
+
 class Attention(nnx.Module):
   """Causal multi-head attention with GQA and RoPE; q/k/v column-parallel, o row-parallel."""
 
@@ -223,9 +228,10 @@ class Attention(nnx.Module):
     cfg = self.cfg
     B, T, _ = x_btd.shape
     H, K, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    q = rope(self.q_proj(x_btd).reshape(B, T, H, Dh), positions, cfg.rope_theta)    # (B, T, H, Dh)
-    k = rope(self.k_proj(x_btd).reshape(B, T, K, Dh), positions, cfg.rope_theta)    # (B, T, K, Dh)
-    v = self.v_proj(x_btd).reshape(B, T, K, Dh)                                     # (B, T, K, Dh)
+    xn = _shared_norm(self.q_proj, x_btd)   # q, k and v read the same input: normalise it once
+    q = rope(self.q_proj(x_btd, normalized=xn).reshape(B, T, H, Dh), positions, cfg.rope_theta)  # (B, T, H, Dh)
+    k = rope(self.k_proj(x_btd, normalized=xn).reshape(B, T, K, Dh), positions, cfg.rope_theta)  # (B, T, K, Dh)
+    v = self.v_proj(x_btd, normalized=xn).reshape(B, T, K, Dh)                                   # (B, T, K, Dh)
     q = q.reshape(B, T, K, H // K, Dh)                                              # (B, T, K, G, Dh)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(Dh)
     causal = jnp.tril(jnp.ones((T, T), dtype=bool))                                # (T, S)
@@ -251,11 +257,12 @@ class FeedForward(nnx.Module):
                              asymmetric=cfg.bitnet_asymmetric_ffn)
 
   def __call__(self, x_btd: jax.Array) -> jax.Array:
-    up = self.up_proj(x_btd)                                                        # (B, T, F)
+    xn = _shared_norm(self.up_proj, x_btd)  # gate and up read the same input: normalise it once
+    up = self.up_proj(x_btd, normalized=xn)                                         # (B, T, F)
     if self.kind == "swiglu":
-      h = jax.nn.silu(self.gate_proj(x_btd)) * up
+      h = jax.nn.silu(self.gate_proj(x_btd, normalized=xn)) * up
     elif self.kind == "relu2_glu":
-      h = jnp.square(jax.nn.relu(self.gate_proj(x_btd))) * up
+      h = jnp.square(jax.nn.relu(self.gate_proj(x_btd, normalized=xn))) * up
     elif self.kind == "gelu":
       h = jax.nn.gelu(up)
     else:
