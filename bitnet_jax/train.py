@@ -58,7 +58,7 @@ def _check_config(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> 
   if t.batch_size % n_data:
     raise ValueError(f"config.train.batch_size={t.batch_size} is not divisible by the {n_data} data-parallel "
                      f"devices")
-  if model_cfg.vocab_size < data.ByteTokenizer.vocab_size and config.data.source:
+  if model_cfg.vocab_size < data.ByteTokenizer.vocab_size:
     raise ValueError(f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
                      f"{data.ByteTokenizer.vocab_size} ids")
 
