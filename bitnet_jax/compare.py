@@ -39,7 +39,7 @@ def _load_config(name: str, steps: int | None, sample_tokens: int):
 def plot_curves(workdir: Path, names: list[str], out: Path) -> None:
   fig, ax = plt.subplots(figsize=(7, 4.2))
   for name, color in zip(names, ("tab:red", "tab:blue", "tab:green", "tab:purple")):
-    rows = [json.loads(l) for l in (workdir / name / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    rows = train.read_metrics(workdir / name / "metrics.jsonl")
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], color=color, alpha=0.5, lw=1,
             label=f"{name} train")
     ev = [r for r in rows if "eval_loss" in r]

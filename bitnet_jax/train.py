@@ -97,12 +97,14 @@ def weight_memory(model: Transformer) -> dict[str, float]:
           "packed_1.6bit_mb": (q_weights * 1.6 / 8 + scales + rest16) / 1e6}
 
 
-def _read_metrics(path: Path, up_to_step: int) -> list[dict]:
-  """The logged rows up to `up_to_step`; rows past it (from a run killed after its last checkpoint) are dropped."""
+def read_metrics(path: str | os.PathLike, up_to_step: int | None = None) -> list[dict]:
+  """The rows of a `metrics.jsonl`, optionally only up to `up_to_step` (a resumed run drops the rows a killed run
+  logged after its last checkpoint)."""
+  path = Path(path)
   if not path.exists():
     return []
   rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-  return [r for r in rows if r["step"] <= up_to_step]
+  return rows if up_to_step is None else [r for r in rows if r["step"] <= up_to_step]
 
 
 def _evaluate(model: Transformer, batches: list[np.ndarray]) -> dict[str, float]:
@@ -143,19 +145,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       (workdir / "checkpoints").absolute(),
       options=ocp.CheckpointManagerOptions(max_to_keep=t.keep_checkpoints,
                                            enable_async_checkpointing=t.async_checkpoint))
-  state = lambda: {"model": nnx.to_pure_dict(nnx.state(model)),
-                   "optimizer": nnx.to_pure_dict(nnx.state(optimizer))}
+  modules = {"model": model, "optimizer": optimizer}
+  state = lambda: {name: nnx.to_pure_dict(nnx.state(m)) for name, m in modules.items()}
   start = manager.latest_step() or 0
   if start:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state())
     restored = manager.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                               data=grain.checkpoint.CheckpointRestore(train_it)))
-    nnx.replace_by_pure_dict(sub := nnx.state(model), restored.state["model"])
-    nnx.update(model, sub)
-    nnx.replace_by_pure_dict(sub := nnx.state(optimizer), restored.state["optimizer"])
-    nnx.update(optimizer, sub)
+    for name, m in modules.items():
+      nnx.replace_by_pure_dict(sub := nnx.state(m), restored.state[name])
+      nnx.update(m, sub)
   metrics_path = workdir / "metrics.jsonl"
-  history = _read_metrics(metrics_path, start)
+  history = read_metrics(metrics_path, start)
   metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
 
   def save(step: int) -> None:
@@ -169,8 +170,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   last_time, last_step, wall0 = time.perf_counter(), start, time.perf_counter()
   # TensorBoard events in WORKDIR/tensorboard; on resume, events past the restored step are hidden (purge_step).
   writer = SummaryWriter(str(workdir / "tensorboard"), purge_step=start + 1 if start else None)
+  last = t.steps if stop_at_step is None else min(stop_at_step, t.steps)
   with metrics_path.open("a") as log, writer:
-    last = t.steps if stop_at_step is None else min(stop_at_step, t.steps)
     for step in range(start + 1, last + 1):
       loss, grad_norm, lr = train_step(model, optimizer, jnp.asarray(next(train_it)))
       loss = float(loss)
@@ -202,7 +203,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   manager.close()
 
   # ---------------------------------------------------------------- 6. summary
-  final = _evaluate(model, eval_set)
+  # The loop evaluates its last step; a finished run being re-opened restores that same state, so its logged eval
+  # is reused rather than recomputed. Only a run stopped early (stop_at_step) evaluates here.
+  logged = history[-1] if history and history[-1]["step"] == last and "eval_loss" in history[-1] else None
+  final = ({k: logged[k] for k in ("eval_loss", "eval_ppl", "eval_bits_per_token")} if logged
+           else _evaluate(model, eval_set))
   trained = [r for r in history if r["step"] > start]
   speed = [r["tokens_per_s"] for r in trained[1:]] or [r["tokens_per_s"] for r in trained]
   summary = {
