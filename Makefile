@@ -6,10 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install train test clean
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-interop.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-interop.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 

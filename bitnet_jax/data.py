@@ -1,9 +1,10 @@
-"""data: corpora, tokenizer and deterministic batch iterators (data -> train).
+"""data: corpora and deterministic batch iterators (data side: tokenizer, data_tfds -> data -> train).
 
 A corpus is a list of documents (files, or records of a TFDS dataset) turned into two flat token arrays, `train`
-and `valid`, with one EOS token between consecutive documents (none before the first or after the last).
+and `valid`, with the tokenizer's EOS between consecutive documents (none before the first or after the last).
 Tokenization is byte-level by default (`ByteTokenizer`: ids 0..255 are the bytes, then PAD, BOS, EOS), so
-every corpus needs no vocabulary file and no download.
+every corpus needs no vocabulary file and no download; `tokenizer="sentencepiece:PATH"` or `"hf:PATH"` uses a
+tokenizer file instead (see `bitnet_jax/tokenizer.py`).
 
 Sources (the `source` argument of `load_corpus`):
   * `"stdlib"`            the running interpreter's standard library `.py` files, test directories excluded
@@ -11,7 +12,7 @@ Sources (the `source` argument of `load_corpus`):
   * `"python_paths"`      the stdlib files plus every `.py` under each directory of `sys.path`
                           (site-packages included, test directories excluded), deduplicated by real path.
   * `"text_dir:PATH"`     every `*.txt`, `*.md`, `*.py` under PATH, built once into an array_record TFDS dataset
-                          by `LocalTextBuilder` and read back with `builder.as_data_source()` (no TensorFlow).
+                          (`data_tfds.build_text_dir`) and read back as a data source (no TensorFlow).
   * `"tfds:NAME[:SPLIT]"` a registered TFDS dataset read with `tfds.data_source` (array_record, no TensorFlow).
 
 Train / validation split, by document and without a seed: documents are ordered by the sha1 of their key
@@ -31,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import re
 import sys
 import sysconfig
 from typing import Iterable, Sequence
@@ -39,8 +39,13 @@ from typing import Iterable, Sequence
 import grain
 import numpy as np
 
+from bitnet_jax import data_tfds
+from bitnet_jax.tokenizer import ByteTokenizer, Tokenizer, make_tokenizer
+
 __all__ = [
-    "ByteTokenizer",
+    "ByteTokenizer",      # these three are re-exported from bitnet_jax.tokenizer, where they live
+    "Tokenizer",
+    "make_tokenizer",
     "Corpus",
     "load_corpus",
     "train_iterator",
@@ -53,32 +58,12 @@ TEXT_SUFFIXES = (".txt", ".md", ".py")
 # Directory names that hold test suites; never part of a code corpus (covers `idlelib/idle_test` and
 # `lib2to3/tests`).
 _TEST_DIRS = frozenset({"test", "tests", "idle_test"})
-# A TFDS dataset name, optionally with a version (`c4/en:3.0.1`), then optionally `:SPLIT` (`train[:10%]`).
-_TFDS_SOURCE = re.compile(r"^(?P<name>[^:\[\]]+(?::\d+(?:\.\d+)*)?)(?::(?P<split>.+))?$")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Tokenizer.
-# --------------------------------------------------------------------------------------------------------------
-class ByteTokenizer:
-  """Byte-level tokenizer: ids 0..255 are bytes, then specials."""
-
-  PAD = 256
-  BOS = 257
-  EOS = 258
-  vocab_size = 259
-
-  def encode(self, text: str | bytes) -> np.ndarray:
-    """The utf-8 bytes of `text` (or `text` itself if already bytes) as int32 ids; no specials are added."""
-    if isinstance(text, str):
-      text = text.encode("utf-8")
-    return np.frombuffer(bytes(text), dtype=np.uint8).astype(np.int32)
-
-  def decode(self, ids) -> str:
-    """Drops special ids (>= 256) and decodes the remaining bytes as utf-8 with `errors="replace"`."""
-    ids = np.asarray(ids).reshape(-1)
-    ids = ids[(ids >= 0) & (ids < 256)]
-    return ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+# The TFDS source grammar and local-text builder live in data_tfds; these names keep their old home too.
+_TFDS_SOURCE = data_tfds.TFDS_SOURCE
+_local_text_builder_class = data_tfds.local_text_builder_class
+# Documents are tokenized this many at a time, so a tokenizer library can spread a batch over its threads
+# without holding the whole corpus's intermediate encodings at once.
+_ENCODE_CHUNK = 64
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -86,11 +71,14 @@ class ByteTokenizer:
 # --------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True, eq=False)
 class Corpus:
-  """A tokenized corpus: flat train / valid token arrays plus a content fingerprint.
+  """A tokenized corpus: flat train / valid token arrays, fingerprints, and the tokenizer that made the tokens.
 
-  `fingerprint` is the sha256 of every document's key (relative path or record key, sorted) and raw bytes, so it
-  is independent of the tokenizer and stable across runs and machines for the same content. For a one-document
-  corpus both `n_train_files` and `n_valid_files` are 1 (the document is split by tokens).
+  `content_fingerprint` is the sha256 of every document's key (relative path or record key, sorted) and raw bytes:
+  independent of the tokenizer and stable across runs and machines for the same content. `fingerprint` names
+  the tokens: for the byte tokenizer, whose tokens are the bytes, it is the content fingerprint (so byte corpora
+  keep the fingerprints they always had); for any other it also hashes the tokenizer's file fingerprint and EOS
+  id. `tokenizer` is `{"name", "vocab_size", "fingerprint"}` of that tokenizer. For a one-document corpus both
+  `n_train_files` and `n_valid_files` are 1 (the document is split by tokens).
   """
 
   name: str
@@ -99,12 +87,16 @@ class Corpus:
   fingerprint: str
   n_train_files: int
   n_valid_files: int
+  content_fingerprint: str
+  tokenizer: dict
 
   def summary(self) -> dict:
-    """A json-able description: name, fingerprint, file counts and token counts."""
+    """A json-able description: name, fingerprints, tokenizer, file counts and token counts."""
     return {
         "name": self.name,
         "fingerprint": self.fingerprint,
+        "content_fingerprint": self.content_fingerprint,
+        "tokenizer": dict(self.tokenizer),
         "n_train_files": int(self.n_train_files),
         "n_valid_files": int(self.n_valid_files),
         "train_tokens": int(self.train.size),
@@ -124,38 +116,57 @@ def _fingerprint(docs: Iterable[tuple[str, bytes]]) -> str:
   return h.hexdigest()
 
 
-def _cap(docs: list[tuple[str, bytes]], max_bytes: int | None) -> list[tuple[str, bytes]]:
-  """The shortest prefix of `docs` holding at least `max_bytes` bytes (all of them if fewer or no cap)."""
-  if max_bytes is None:
-    return docs
-  total = 0
-  for i, (_, data) in enumerate(docs):
-    total += len(data)
-    if total >= max_bytes:
-      return docs[:i + 1]
-  return docs
+def _resolve_tokenizer(tokenizer: Tokenizer | str | None) -> Tokenizer:
+  """`tokenizer` as an object: None -> `ByteTokenizer()`, a spec string -> `make_tokenizer(spec)`.
+
+  Checks what the pipeline uses up front, before any data is read: the attributes, and an EOS id to put between
+  documents (joining documents with nothing between them would make the model learn false continuations).
+  """
+  if tokenizer is None:
+    return ByteTokenizer()
+  if isinstance(tokenizer, str):
+    tokenizer = make_tokenizer(tokenizer)
+  missing = [a for a in ("name", "vocab_size", "eos_id", "fingerprint", "encode_batch") if not hasattr(tokenizer, a)]
+  if missing:
+    raise ValueError(f"tokenizer {tokenizer!r} lacks {', '.join(missing)}: pass a spec string ('byte', "
+                     "'sentencepiece:PATH', 'hf:PATH') or an object with the bitnet_jax.tokenizer.Tokenizer interface")
+  if tokenizer.eos_id is None:
+    raise ValueError(f"tokenizer {tokenizer.name}: eos_id is None, and a corpus needs an EOS id between documents; "
+                     "use a tokenizer trained with an EOS token (e.g. '</s>' or '<|endoftext|>')")
+  return tokenizer
 
 
-def _token_dtype(tokenizer) -> np.dtype:
+def _token_dtype(tokenizer: Tokenizer) -> np.dtype:
+  """uint16 when every id fits (vocab_size <= 65536, so ids <= 65535), else int32."""
   return np.dtype(np.uint16) if int(tokenizer.vocab_size) <= 1 << 16 else np.dtype(np.int32)
 
 
-def _tokenize_joined(docs: Sequence[bytes], tokenizer) -> np.ndarray:
-  """Tokens of `docs` with one `tokenizer.EOS` between consecutive documents, as a read-only 1-D array."""
+def _tokenize_joined(docs: Sequence[bytes], tokenizer: Tokenizer) -> np.ndarray:
+  """Tokens of `docs` with one `tokenizer.eos_id` between consecutive documents, as a read-only 1-D array.
+
+  Non-byte tokenizers see each document decoded as utf-8 (`errors="replace"`), `_ENCODE_CHUNK` at a time.
+
+  Raises:
+    ValueError: the tokenizer produced an id outside `[0, vocab_size)` (it would not fit the token dtype).
+  """
   dtype = _token_dtype(tokenizer)
   if not docs:
     out = np.zeros((0,), dtype)
   elif isinstance(tokenizer, ByteTokenizer):
     flat = np.frombuffer(b"".join(docs), dtype=np.uint8).astype(dtype)
     boundaries = np.cumsum([len(d) for d in docs[:-1]], dtype=np.int64)
-    out = np.insert(flat, boundaries, tokenizer.EOS)
+    out = np.insert(flat, boundaries, tokenizer.eos_id)
   else:
-    eos = np.asarray([tokenizer.EOS], dtype)
+    eos, vocab = np.asarray([tokenizer.eos_id], dtype), int(tokenizer.vocab_size)
     parts = []
-    for i, d in enumerate(docs):
-      if i:
-        parts.append(eos)
-      parts.append(np.asarray(tokenizer.encode(d.decode("utf-8", errors="replace"))).astype(dtype).reshape(-1))
+    for start in range(0, len(docs), _ENCODE_CHUNK):
+      texts = [d.decode("utf-8", errors="replace") for d in docs[start:start + _ENCODE_CHUNK]]
+      for ids in tokenizer.encode_batch(texts):
+        ids = np.asarray(ids).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+          bad = ids.min() if ids.min() < 0 else ids.max()
+          raise ValueError(f"tokenizer {tokenizer.name}: id {bad} is outside [0, vocab_size={vocab})")
+        parts.extend([eos, ids.astype(dtype)] if parts else [ids.astype(dtype)])
     out = np.concatenate(parts)
   out.flags.writeable = False
   return out
@@ -167,8 +178,8 @@ def _split_order(keys: Sequence[str]) -> list[int]:
 
 
 def _make_corpus(name: str, docs: list[tuple[str, bytes]], valid_docs: list[tuple[str, bytes]] | None, *,
-                 valid_fraction: float, tokenizer) -> Corpus:
-  """The shared tail of every source: fingerprint, by-document split, tokenization.
+                 valid_fraction: float, tokenizer: Tokenizer) -> Corpus:
+  """The shared tail of every source: fingerprints, by-document split, tokenization.
 
   `docs` are (key, bytes) sorted by key. `valid_docs`, when given (a dataset's own validation split), are used as
   the validation set as they are; otherwise validation documents are held out of `docs` by `_split_order`.
@@ -178,7 +189,10 @@ def _make_corpus(name: str, docs: list[tuple[str, bytes]], valid_docs: list[tupl
   total = sum(len(d) for _, d in docs) + sum(len(d) for _, d in valid_docs or ())
   if total == 0:
     raise ValueError(f"{name}: empty corpus (all {len(docs)} documents have zero bytes)")
-  fingerprint = _fingerprint(list(docs) + list(valid_docs or ()))
+  content = _fingerprint(list(docs) + list(valid_docs or ()))
+  fingerprint = content if isinstance(tokenizer, ByteTokenizer) else _fingerprint(
+      [("content", content.encode()), ("tokenizer", tokenizer.fingerprint.encode()),
+       ("eos_id", str(tokenizer.eos_id).encode())])
 
   if valid_docs is not None:
     train = _tokenize_joined([d for _, d in docs], tokenizer)
@@ -195,8 +209,9 @@ def _make_corpus(name: str, docs: list[tuple[str, bytes]], valid_docs: list[tupl
     train = _tokenize_joined([d for i, (_, d) in enumerate(docs) if i not in held_out], tokenizer)
     valid_tokens = _tokenize_joined([d for i, (_, d) in enumerate(docs) if i in held_out], tokenizer)
     n_train = len(docs) - n_valid
-  return Corpus(name=name, train=train, valid=valid_tokens, fingerprint=fingerprint,
-                n_train_files=n_train, n_valid_files=n_valid)
+  record = {"name": tokenizer.name, "vocab_size": int(tokenizer.vocab_size), "fingerprint": tokenizer.fingerprint}
+  return Corpus(name=name, train=train, valid=valid_tokens, fingerprint=fingerprint, n_train_files=n_train,
+                n_valid_files=n_valid, content_fingerprint=content, tokenizer=record)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -275,104 +290,9 @@ def _read_files(files: list[tuple[str, str]], max_bytes: int | None) -> list[tup
 
 
 # --------------------------------------------------------------------------------------------------------------
-# TFDS: a builder for local text, and reading array_record data sources.
+# TFDS sources (the dataset side is in data_tfds).
 # --------------------------------------------------------------------------------------------------------------
-_LOCAL_TEXT_BUILDER = None
-
-
-def _local_text_builder_class():
-  """`LocalTextBuilder`, defined on first use so that `import bitnet_jax.data` does not import TFDS."""
-  global _LOCAL_TEXT_BUILDER
-  if _LOCAL_TEXT_BUILDER is not None:
-    return _LOCAL_TEXT_BUILDER
-  import tensorflow_datasets as tfds
-
-  class LocalTextBuilder(tfds.core.GeneratorBasedBuilder):
-    """One example per local text file: `{"path": relative path, "text": raw file bytes}`, one `train` split.
-
-    The config name carries the content fingerprint (`fp_<sha256 prefix>`), so an unchanged directory reuses
-    its build and a changed one builds a new dataset next to the old.
-    """
-
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "One example per file: path and raw text."}
-    # TFDS uses `code_path` only to look for a download-checksums file next to the builder's code. Its default
-    # for a builder inside a package needs the `importlib_resources` backport, which this stack does not have,
-    # and this builder downloads nothing: no code path, hence no checksums file.
-    code_path = None
-
-    def __init__(self, *, files: Sequence[tuple[str, str]] = (), **kwargs):
-      self._files = list(files)
-      super().__init__(**kwargs)
-
-    def _info(self):
-      return tfds.core.DatasetInfo(
-          builder=self,
-          description="Local text files, one example per file.",
-          features=tfds.features.FeaturesDict({"path": tfds.features.Text(), "text": tfds.features.Text()}))
-
-    def _split_generators(self, dl_manager):
-      del dl_manager
-      return {"train": self._generate_examples()}
-
-    def _generate_examples(self):
-      for rel, full in self._files:
-        with open(full, "rb") as f:
-          yield rel, {"path": rel, "text": f.read()}
-
-  _LOCAL_TEXT_BUILDER = LocalTextBuilder
-  return LocalTextBuilder
-
-
-def _as_bytes(value, what: str) -> bytes:
-  if isinstance(value, bytes):
-    return value
-  if isinstance(value, str):
-    return value.encode("utf-8")
-  if isinstance(value, np.ndarray) and value.dtype.kind in "SUO" and value.ndim == 0:
-    return _as_bytes(value.item(), what)
-  raise ValueError(f"{what}: expected text (bytes or str), got {type(value).__name__}")
-
-
-def _read_source(source, *, text_key: str, key_feature: str | None, key_prefix: str, max_bytes: int | None,
-                 what: str, chunk: int = 1024) -> list[tuple[str, bytes]]:
-  """(key, bytes) of the records of a TFDS data source, sorted by key.
-
-  The key is the record's `key_feature` (a path) or, without one, `key_prefix` + its zero-padded index. Without
-  a key feature the records are read in index order and reading stops once `max_bytes` are held; with one,
-  all records are read, sorted, then capped.
-  """
-  n = len(source)
-  docs, total = [], 0
-  for start in range(0, n, chunk):
-    idx = list(range(start, min(n, start + chunk)))
-    records = source.__getitems__(idx) if hasattr(source, "__getitems__") else [source[i] for i in idx]
-    for i, rec in zip(idx, records):
-      if text_key not in rec:
-        raise ValueError(f"{what}: records have no feature {text_key!r} (features: {sorted(rec)})")
-      data = _as_bytes(rec[text_key], what)
-      key = _as_bytes(rec[key_feature], what).decode("utf-8") if key_feature else f"{key_prefix}{i:012d}"
-      docs.append((key, data))
-      total += len(data)
-    if key_feature is None and max_bytes is not None and total >= max_bytes:
-      break
-  docs.sort(key=lambda kv: kv[0])
-  return _cap(docs, max_bytes)
-
-
-def _corpus_from_sources(name: str, train_source, valid_source, *, text_key: str, key_feature: str | None,
-                         valid_fraction: float, tokenizer, max_bytes: int | None) -> Corpus:
-  """The TFDS path shared by `text_dir:` and `tfds:`: read the data source(s), then `_make_corpus`."""
-  docs = _read_source(train_source, text_key=text_key, key_feature=key_feature, key_prefix="train/",
-                      max_bytes=max_bytes, what=name)
-  valid_docs = None
-  if valid_source is not None:
-    valid_docs = _read_source(valid_source, text_key=text_key, key_feature=key_feature, key_prefix="valid/",
-                              max_bytes=max_bytes, what=name)
-  return _make_corpus(name, docs, valid_docs, valid_fraction=valid_fraction, tokenizer=tokenizer)
-
-
-def _load_text_dir(path: str, *, source: str, data_dir: str | None, valid_fraction: float, tokenizer,
+def _load_text_dir(path: str, *, source: str, data_dir: str | None, valid_fraction: float, tokenizer: Tokenizer,
                    max_bytes: int | None) -> Corpus:
   if not path:
     raise ValueError(f"source {source!r}: no directory given (expected 'text_dir:/some/path')")
@@ -388,43 +308,34 @@ def _load_text_dir(path: str, *, source: str, data_dir: str | None, valid_fracti
   fingerprint = _fingerprint(docs)
   files = files[:len(docs)]
 
-  import tensorflow_datasets as tfds
-  builder_cls = _local_text_builder_class()
-  config = tfds.core.BuilderConfig(name=f"fp_{fingerprint[:20]}", version="1.0.0",
-                                   description=f"{len(files)} text files under {root}")
-  builder = builder_cls(files=files, config=config, data_dir=data_dir or os.path.join(root, ".tfds"),
-                        file_format="array_record")
-  builder.download_and_prepare()          # a no-op when this fingerprint is already built
-  corpus = _corpus_from_sources(f"text_dir:{root}", builder.as_data_source(split="train"), None,
-                                text_key="text", key_feature="path", valid_fraction=valid_fraction,
-                                tokenizer=tokenizer, max_bytes=None)
-  if corpus.fingerprint != fingerprint:
-    raise ValueError(f"source {source!r}: the dataset built at {builder.data_dir} does not match the files "
-                     f"under {root} (fingerprint {corpus.fingerprint[:12]} != {fingerprint[:12]}); were files "
-                     "changed while it was built?")
-  return corpus
+  built = data_tfds.build_text_dir(files, fingerprint=fingerprint, root=root,
+                                   data_dir=data_dir or os.path.join(root, ".tfds"))
+  docs = data_tfds.read_records(built, text_key="text", key_feature="path", key_prefix="", max_bytes=None,
+                                what=f"text_dir:{root}")
+  built_fingerprint = _fingerprint(docs)
+  if built_fingerprint != fingerprint:
+    raise ValueError(f"source {source!r}: the dataset built from {root} does not match its files (fingerprint "
+                     f"{built_fingerprint[:12]} != {fingerprint[:12]}); were files changed while it was built?")
+  return _make_corpus(f"text_dir:{root}", docs, None, valid_fraction=valid_fraction, tokenizer=tokenizer)
 
 
-def _load_tfds(spec: str, *, source: str, data_dir: str | None, valid_fraction: float, tokenizer,
+def _load_tfds(spec: str, *, source: str, data_dir: str | None, valid_fraction: float, tokenizer: Tokenizer,
                text_key: str, max_bytes: int | None) -> Corpus:
   m = _TFDS_SOURCE.match(spec)
   if not spec or m is None:
     raise ValueError(f"source {source!r}: expected 'tfds:NAME[:SPLIT]', e.g. 'tfds:lm1b' or 'tfds:c4/en:train'")
   name, split = m.group("name"), m.group("split") or "train"
-  import tensorflow_datasets as tfds
-  all_splits = tfds.data_source(name, data_dir=data_dir)
-  train_source = all_splits[split] if split in all_splits else tfds.data_source(name, split=split,
-                                                                                data_dir=data_dir)
-  base_split = re.split(r"[\[+]", split, maxsplit=1)[0]
-  valid_name = next((s for s in ("validation", "test") if s in all_splits and s != base_split), None)
-  valid_source = all_splits[valid_name] if valid_name else None
-  return _corpus_from_sources(f"tfds:{name}:{split}", train_source, valid_source, text_key=text_key,
-                              key_feature=None, valid_fraction=valid_fraction, tokenizer=tokenizer,
-                              max_bytes=max_bytes)
+  train_source, valid_source = data_tfds.open_tfds(name, split, data_dir)
+  what = f"tfds:{name}:{split}"
+  read = lambda src, prefix: data_tfds.read_records(src, text_key=text_key, key_feature=None, key_prefix=prefix,
+                                                    max_bytes=max_bytes, what=what)
+  valid_docs = read(valid_source, "valid/") if valid_source is not None else None
+  return _make_corpus(what, read(train_source, "train/"), valid_docs, valid_fraction=valid_fraction,
+                      tokenizer=tokenizer)
 
 
-def load_corpus(source: str = "stdlib", *, valid_fraction: float = 0.02, tokenizer=None, text_key: str = "text",
-                max_bytes: int | None = None, data_dir: str | None = None) -> Corpus:
+def load_corpus(source: str = "stdlib", *, valid_fraction: float = 0.02, tokenizer: Tokenizer | str | None = None,
+                text_key: str = "text", max_bytes: int | None = None, data_dir: str | None = None) -> Corpus:
   """Loads and tokenizes a corpus; see the module docstring for the sources.
 
   Args:
@@ -432,8 +343,9 @@ def load_corpus(source: str = "stdlib", *, valid_fraction: float = 0.02, tokeniz
     valid_fraction: share of documents held out for validation (at least one document, and at least one left
       for training). A dataset with its own `validation` / `test` split uses that split instead. A corpus of a
       single document is split by tokens: the first `1 - valid_fraction` train, the rest validate.
-    tokenizer: an object with `encode(str) -> ids`, `EOS` and `vocab_size`; default `ByteTokenizer()` (which
-      encodes the raw bytes, so non-utf-8 files survive unchanged).
+    tokenizer: a spec string for `make_tokenizer` (`"byte"`, `"sentencepiece:PATH"`, `"hf:PATH"`) or an object
+      with the `bitnet_jax.tokenizer.Tokenizer` interface; default `ByteTokenizer()` (which encodes the raw
+      bytes, so non-utf-8 files survive unchanged). Its `eos_id` separates documents.
     text_key: the feature holding the text in `tfds:` records (bytes or str).
     max_bytes: stop adding documents, in sorted key order, once this many bytes are held (the document that
       crosses the cap is kept; applied before the split, and to each of a dataset's own splits).
@@ -445,7 +357,8 @@ def load_corpus(source: str = "stdlib", *, valid_fraction: float = 0.02, tokeniz
 
   Raises:
     ValueError: unknown source, missing directory, no text files, empty corpus, bad `valid_fraction` or
-      `max_bytes`.
+      `max_bytes`, unknown tokenizer kind, a tokenizer without an EOS id.
+    FileNotFoundError, ImportError: from `make_tokenizer` (missing tokenizer file, library not installed).
   """
   if not isinstance(source, str):
     raise ValueError(f"source must be a string, got {type(source).__name__}")
@@ -453,7 +366,7 @@ def load_corpus(source: str = "stdlib", *, valid_fraction: float = 0.02, tokeniz
     raise ValueError(f"source {source!r}: valid_fraction must be in (0, 1), got {valid_fraction!r}")
   if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 1):
     raise ValueError(f"source {source!r}: max_bytes must be a positive int or None, got {max_bytes!r}")
-  tokenizer = ByteTokenizer() if tokenizer is None else tokenizer
+  tokenizer = _resolve_tokenizer(tokenizer)
   kind, sep, arg = source.partition(":")
 
   if source in ("stdlib", "python_paths"):

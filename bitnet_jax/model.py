@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bitnet_jax.layers import NORM_KINDS, WEIGHT_QUANTIZERS, BitLinear, Norm, make_param
+from bitnet_jax.layers import NORM_KINDS, WEIGHT_QUANTIZERS, BitLinear, Norm, logical_constraint, make_param
 
 AUTO = "auto"   # a field left to the variant's default
 
@@ -50,6 +51,15 @@ VARIANTS: dict[str, dict] = {
 FFN_KINDS = ("swiglu", "relu2_glu", "gelu", "relu")
 GATED = ("swiglu", "relu2_glu")
 DTYPES = ("float32", "bfloat16", "float16")
+# Rematerialisation of each block in the backward pass: what the forward keeps for it.
+REMAT_POLICIES = {
+    "none": None,                                                     # keep everything (no remat)
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep the matmul outputs, recompute the rest
+    "full": jax.checkpoint_policies.nothing_saveable,                 # keep only the block inputs
+}
+# Logical names of activation axes (parameters use embed / heads / kv_heads / mlp / vocab); the sharding rules
+# in the config map both kinds to mesh axes.
+BATCH, LENGTH = "batch", "length"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -69,6 +79,7 @@ class ModelConfig:
   act_per_token: bool | str = AUTO     # per-token (b1.58) or per-tensor (BitNet training) absmax
   bitnet_asymmetric_ffn: bool = False  # BitNet eq. 6 zero-point quantisation on the FFN down projection input
   groups: int = 1                      # quantisation groups G (BitNet section 2.3), aligned with tensor shards
+  fsdp_groups: int = 1                 # weight-statistic groups along d_model, aligned with FSDP shards
   # Architecture (auto: from the variant).
   linear_norm: str | None = AUTO       # norm inside each BitLinear: rms | layer | None
   linear_norm_scale: bool = True       # a learnable gain on that norm (=1 at init: the reference's RMSNorm(x))
@@ -79,8 +90,9 @@ class ModelConfig:
   tie_embeddings: bool = False
   norm_eps: float = 1e-5
   init_std: float = 0.02
-  dtype: str | None = None             # compute dtype; None: bfloat16 on accelerators, float32 on CPU
+  dtype: str | None = None             # compute dtype; None: bfloat16 on accelerators, float32 on CPU (at build)
   param_dtype: str = "float32"         # latent weights (always float32 in the papers' recipes)
+  remat: str = "none"                  # none | dots | full: rematerialise each block in the backward pass
 
   def __post_init__(self):
     if self.variant not in VARIANTS:
@@ -93,12 +105,11 @@ class ModelConfig:
     if self.d_ff == AUTO:
       d_ff = 4 * self.d_model if self.ffn not in GATED else 64 * math.ceil(8 * self.d_model / 3 / 64)
       object.__setattr__(self, "d_ff", d_ff)
-    if self.dtype is None:
-      object.__setattr__(self, "dtype", "float32" if jax.default_backend() == "cpu" else "bfloat16")
     self._validate()
 
   def _validate(self):
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len", "groups"):
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len", "groups",
+                 "fsdp_groups"):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
@@ -119,13 +130,25 @@ class ModelConfig:
     if self.ffn not in FFN_KINDS:
       raise ValueError(f"ModelConfig.ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
     for name in ("dtype", "param_dtype"):
-      if getattr(self, name) not in DTYPES:
+      if getattr(self, name) not in DTYPES and not (name == "dtype" and getattr(self, name) is None):
         raise ValueError(f"ModelConfig.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
     # Every grouped feature size (column-parallel outputs, row-parallel inputs) must split into `groups`.
     for what, size in (("d_model", self.d_model), ("d_ff", self.d_ff),
                        ("n_kv_heads * head_dim", self.n_kv_heads * self.head_dim)):
       if size % self.groups:
         raise ValueError(f"ModelConfig.groups={self.groups} does not divide {what}={size}")
+    if self.d_model % self.fsdp_groups:
+      raise ValueError(f"ModelConfig.fsdp_groups={self.fsdp_groups} does not divide d_model={self.d_model}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"ModelConfig.remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    """`dtype`, with None resolved when the model is built (not when the config is: building a config must not
+    start the XLA backend, which `jax.distributed.initialize` has to precede)."""
+    if self.dtype is None:
+      return jnp.dtype("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    return jnp.dtype(self.dtype)
 
   @property
   def head_dim(self) -> int:
@@ -196,9 +219,9 @@ def _linear(cfg: ModelConfig, d_in: int, d_out: int, axes, *, parallel: str, rng
   """A BitLinear with the config's quantisation. parallel="column" groups outputs, "row" groups inputs."""
   return BitLinear(d_in, d_out, weight_quant=cfg.weight_quant, act_bits=cfg.act_bits,
                    act_per_token=cfg.act_per_token, act_asymmetric=asymmetric, groups=cfg.groups,
-                   group_axis="out" if parallel == "column" else "in",
+                   group_axis="out" if parallel == "column" else "in", fsdp_groups=cfg.fsdp_groups,
                    norm=cfg.linear_norm if norm else None, norm_eps=cfg.norm_eps, norm_scale=cfg.linear_norm_scale,
-                   dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), init_std=cfg.init_std,
+                   dtype=cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype), init_std=cfg.init_std,
                    axes=axes, rngs=rngs)
 
 
@@ -232,6 +255,9 @@ class Attention(nnx.Module):
     q = rope(self.q_proj(x_btd, normalized=xn).reshape(B, T, H, Dh), positions, cfg.rope_theta)  # (B, T, H, Dh)
     k = rope(self.k_proj(x_btd, normalized=xn).reshape(B, T, K, Dh), positions, cfg.rope_theta)  # (B, T, K, Dh)
     v = self.v_proj(x_btd, normalized=xn).reshape(B, T, K, Dh)                                   # (B, T, K, Dh)
+    q = logical_constraint(q, (BATCH, LENGTH, "act_heads", None))   # heads stay on their tensor shard
+    k = logical_constraint(k, (BATCH, LENGTH, "act_kv_heads", None))
+    v = logical_constraint(v, (BATCH, LENGTH, "act_kv_heads", None))
     q = q.reshape(B, T, K, H // K, Dh)                                              # (B, T, K, G, Dh)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(Dh)
     causal = jnp.tril(jnp.ones((T, T), dtype=bool))                                # (T, S)
@@ -267,6 +293,7 @@ class FeedForward(nnx.Module):
       h = jax.nn.gelu(up)
     else:
       h = jax.nn.relu(up)
+    h = logical_constraint(h, (BATCH, LENGTH, "act_mlp"))
     if self.sub_norm is not None:
       h = self.sub_norm(h)
     return self.down_proj(h)
@@ -288,6 +315,19 @@ class Block(nnx.Module):
     return x_btd + self.ffn(h)
 
 
+def _run_block(block: Block, x: jax.Array, positions: jax.Array, remat: str) -> jax.Array:
+  """block(x), with `jax.checkpoint` around it when rematerialising (the backward recomputes the block from its
+  input instead of keeping its activations)."""
+  if remat == "none":
+    return block(x, positions)
+  graphdef, state = nnx.split(block)
+
+  @functools.partial(jax.checkpoint, policy=REMAT_POLICIES[remat])
+  def run(state, x):
+    return nnx.merge(graphdef, state)(x, positions)
+  return run(state, x)
+
+
 class Transformer(nnx.Module):
   """Causal decoder-only LM: int32 tokens (B, T) -> float32 logits (B, T, V)."""
 
@@ -306,13 +346,15 @@ class Transformer(nnx.Module):
     B, T = tokens_bt.shape
     if T > cfg.max_seq_len:
       raise ValueError(f"sequence length {T} exceeds ModelConfig.max_seq_len={cfg.max_seq_len}")
-    x = jnp.take(self.embed[...], tokens_bt, axis=0).astype(cfg.dtype)             # (B, T, D)
+    x = jnp.take(self.embed[...], tokens_bt, axis=0).astype(cfg.compute_dtype)             # (B, T, D)
     positions = jnp.arange(T)                                                       # (T,)
+    residual = (BATCH, LENGTH, "act_embed")
     for block in self.blocks:
-      x = block(x, positions)
+      x = logical_constraint(_run_block(block, logical_constraint(x, residual), positions, cfg.remat), residual)
     x = self.final_norm(x)
     head = self.embed[...].T if self.head is None else self.head[...]               # (D, V)
-    return jnp.einsum("btd,dv->btv", x, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
+    logits = jnp.einsum("btd,dv->btv", x, head.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
+    return logical_constraint(logits, (BATCH, LENGTH, "act_vocab"))
 
 
 # ------------------------------------------------------------------------------------------------------------

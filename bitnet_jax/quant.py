@@ -123,56 +123,81 @@ def _reduce_all_but(x: jax.Array, keep: int, fn) -> jax.Array:
   return fn(x, axis=tuple(i for i in range(x.ndim) if i != keep), keepdims=True)
 
 
-def _group_scale(stat: jax.Array, axis: int) -> jax.Array:
-  """Drops the (size-1) member axis of a grouped statistic: [..., G, 1, ...] -> [..., G, ...]."""
-  return jnp.squeeze(stat, axis=axis + 1)
+def _weight_groups(shape: tuple[int, ...], groups, axis: int, what: str) -> tuple[int, ...]:
+  """`groups` as one count per dimension: an int G groups `axis`; a tuple gives a block grid (one per dim)."""
+  if isinstance(groups, (tuple, list)):
+    if len(groups) != len(shape):
+      raise ValueError(f"{what}: groups={tuple(groups)} needs one count per dimension of shape {shape}")
+    for dim, g in enumerate(groups):
+      _check_groups(shape, g, dim, what)
+    return tuple(groups)
+  axis = _check_groups(shape, groups, axis, what)
+  return tuple(groups if d == axis else 1 for d in range(len(shape)))
 
 
-def expand_group_scale(scale: jax.Array, shape: tuple[int, ...], axis: int = -1) -> jax.Array:
-  """Broadcasts a per-group scale (size G along `axis`) to `shape` by repeating each group's value n/G times.
+def _split_blocks(x: jax.Array, groups: tuple[int, ...]) -> jax.Array:
+  """[n0, n1, ...] -> [G0, n0/G0, G1, n1/G1, ...]: block (g0, g1, ...) at the even axes, members at the odd."""
+  return x.reshape(tuple(d for n, g in zip(x.shape, groups) for d in (g, n // g)))
 
-  `codes * expand_group_scale(scale, codes.shape, axis)` is the de-quantized tensor.
+
+def _block_stat(xb: jax.Array, fn) -> jax.Array:
+  """Reduces the member axes of a block-split array: [G0, n0/G0, G1, ...] -> [G0, 1, G1, 1, ...]."""
+  return fn(xb, axis=tuple(range(1, xb.ndim, 2)), keepdims=True)
+
+
+def _group_scale(stat: jax.Array, groups: tuple[int, ...]) -> jax.Array:
+  """Drops the (size-1) member axes of a block statistic: [G0, 1, G1, 1, ...] -> [G0, G1, ...]."""
+  return stat.reshape(groups)
+
+
+def expand_group_scale(scale: jax.Array, shape: tuple[int, ...], axis: int | None = None) -> jax.Array:
+  """Broadcasts a per-group scale to `shape` by repeating each group's value over its block.
+
+  `scale` has the rank of `shape` with G_d groups along each dimension d (1 where it is not grouped, n_d for a
+  per-row scale); `axis` is accepted for the older single-axis call form and not needed.
+  `codes * expand_group_scale(scale, codes.shape)` is the de-quantized tensor.
   """
-  axis = axis % len(shape)
-  groups = scale.shape[axis]
-  if shape[axis] % groups:
-    raise ValueError(f"scale with {groups} groups on axis {axis} does not fit shape {shape}")
-  return jnp.broadcast_to(jnp.repeat(scale, shape[axis] // groups, axis=axis), shape)
+  del axis
+  if scale.ndim != len(shape):
+    raise ValueError(f"scale of shape {scale.shape} does not have the rank of {shape}")
+  for d, (n, g) in enumerate(zip(shape, scale.shape)):
+    if n % g:
+      raise ValueError(f"scale with {g} groups on axis {d} does not fit shape {shape}")
+    scale = jnp.repeat(scale, n // g, axis=d)
+  return scale
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Weights: BitNet binarisation and b1.58 absmean ternarisation.
 # --------------------------------------------------------------------------------------------------------------
-def _binary(w: jax.Array, groups: int, axis: int):
-  """Codes in {-1, +1} (float32, grouped layout) and beta per group. BitNet eq. 1-4; Sign(0) = -1."""
-  wg = _split(w.astype(jnp.float32), groups, axis)
-  alpha = _reduce_all_but(wg, axis, _mean)           # alpha_g = (G / nm) sum W^(g)
-  beta = _pin(_reduce_all_but(jnp.abs(wg), axis, _mean))  # beta_g = (G / nm) ||W^(g)||_1
-  codes = jnp.where(wg - alpha > 0, 1.0, -1.0)
+def _binary(w: jax.Array, groups: tuple[int, ...]):
+  """Codes in {-1, +1} (float32, block layout) and beta per group. BitNet eq. 1-4; Sign(0) = -1."""
+  wb = _split_blocks(w.astype(jnp.float32), groups)
+  alpha = _block_stat(wb, _mean)                     # alpha_g = (G / nm) sum W^(g)
+  beta = _pin(_block_stat(jnp.abs(wb), _mean))       # beta_g = (G / nm) ||W^(g)||_1
+  codes = jnp.where(wb - alpha > 0, 1.0, -1.0)
   return codes, beta
 
 
-def _ternary(w: jax.Array, groups: int, axis: int):
-  """Codes in {-1, 0, +1} (float32, grouped layout) and s = 1 / max(mean|W|, eps) per group.
+def _ternary(w: jax.Array, groups: tuple[int, ...]):
+  """Codes in {-1, 0, +1} (float32, block layout) and s = 1 / max(mean|W|, eps) per group.
 
   b1.58 eq. 1-3 written exactly as the FAQ reference `weight_quant`: `s = 1 / max(mean|w|, 1e-5)`,
   `round(w * s)` (half to even, as torch.round) clipped to [-1, 1]; the de-quantized value is codes / s.
   """
-  wg = _split(w.astype(jnp.float32), groups, axis)
-  s = _pin(1.0 / jnp.maximum(_reduce_all_but(jnp.abs(wg), axis, _mean), EPS))
-  codes = jnp.clip(jnp.round(wg * s), -1.0, 1.0)
+  wb = _split_blocks(w.astype(jnp.float32), groups)
+  s = _pin(1.0 / jnp.maximum(_block_stat(jnp.abs(wb), _mean), EPS))
+  codes = jnp.clip(jnp.round(wb * s), -1.0, 1.0)
   return codes, s
 
 
-def _binary_fq(w, *, groups: int = 1, axis: int = -1):
-  axis = _check_groups(w.shape, groups, axis, "binary_weights")
-  codes, beta = _binary(w, groups, axis)
+def _binary_fq(w, *, groups=1, axis: int = -1):
+  codes, beta = _binary(w, _weight_groups(w.shape, groups, axis, "binary_weights"))
   return (codes * beta).reshape(w.shape).astype(w.dtype)
 
 
-def _ternary_fq(w, *, groups: int = 1, axis: int = -1):
-  axis = _check_groups(w.shape, groups, axis, "ternary_weights")
-  codes, s = _ternary(w, groups, axis)
+def _ternary_fq(w, *, groups=1, axis: int = -1):
+  codes, s = _ternary(w, _weight_groups(w.shape, groups, axis, "ternary_weights"))
   return (codes / s).reshape(w.shape).astype(w.dtype)
 
 
@@ -180,18 +205,19 @@ _binary_ste = straight_through(_binary_fq)
 _ternary_ste = straight_through(_ternary_fq)
 
 
-def binary_weights(w: jax.Array, *, groups: int = 1, axis: int = -1) -> jax.Array:
+def binary_weights(w: jax.Array, *, groups: int | tuple[int, ...] = 1, axis: int = -1) -> jax.Array:
   """BitNet binarisation (2310.11453 eq. 1-4) with an STE gradient: `Sign(W - alpha) * beta`.
 
   alpha = mean(W), beta = mean(|W|) (of the uncentred W), Sign(w) = +1 if w > 0 else -1 (so Sign(0) = -1).
   With `groups=G` the weight is split into G equal groups along `axis` (for a Flax kernel [in, out], axis=-1
   is the output features) and each group has its own alpha_g and beta_g (BitNet section 2.3). Statistics are
-  reduced over every other axis.
+  reduced over every other axis. A tuple `groups=(G0, G1)` splits the weight into a G0 x G1 grid of blocks with
+  one statistic each: the layout that lets every device of a 2-D (FSDP x tensor) mesh quantise its own shard.
   """
   return _binary_ste(w, groups=groups, axis=axis)
 
 
-def ternary_weights(w: jax.Array, *, groups: int = 1, axis: int = -1) -> jax.Array:
+def ternary_weights(w: jax.Array, *, groups: int | tuple[int, ...] = 1, axis: int = -1) -> jax.Array:
   """b1.58 absmean ternarisation (2402.17764 eq. 1-3) with an STE gradient.
 
   `gamma = mean|W|`, `RoundClip(W / (gamma + eps), -1, 1) * gamma`, computed exactly as the FAQ reference
@@ -201,26 +227,28 @@ def ternary_weights(w: jax.Array, *, groups: int = 1, axis: int = -1) -> jax.Arr
   return _ternary_ste(w, groups=groups, axis=axis)
 
 
-def binary_codes(w: jax.Array, *, groups: int = 1, axis: int = -1) -> tuple[jax.Array, jax.Array]:
+def binary_codes(w: jax.Array, *, groups: int | tuple[int, ...] = 1,
+                 axis: int = -1) -> tuple[jax.Array, jax.Array]:
   """Inference form of `binary_weights`: (int8 codes in {-1, +1} shaped like w, float32 beta per group).
 
-  The scale has w's rank with size G along `axis` and 1 elsewhere; `codes * expand_group_scale(scale, ...)`
-  equals `binary_weights(w, ...)` in float32 exactly.
+  The scale has w's rank with G along `axis` (or G_d along each dimension for tuple groups) and 1 elsewhere;
+  `codes * expand_group_scale(scale, w.shape)` equals `binary_weights(w, ...)` in float32 exactly.
   """
-  axis = _check_groups(w.shape, groups, axis, "binary_codes")
-  codes, beta = _binary(w, groups, axis)
-  return codes.reshape(w.shape).astype(jnp.int8), _group_scale(beta, axis)
+  gs = _weight_groups(w.shape, groups, axis, "binary_codes")
+  codes, beta = _binary(w, gs)
+  return codes.reshape(w.shape).astype(jnp.int8), _group_scale(beta, gs)
 
 
-def ternary_codes(w: jax.Array, *, groups: int = 1, axis: int = -1) -> tuple[jax.Array, jax.Array]:
+def ternary_codes(w: jax.Array, *, groups: int | tuple[int, ...] = 1,
+                  axis: int = -1) -> tuple[jax.Array, jax.Array]:
   """Inference form of `ternary_weights`: (int8 codes in {-1, 0, +1}, float32 scale = 1/s = mean|W| per group).
 
   Because every code is -1, 0 or +1, `codes * (1 / s)` equals the reference `codes / s` exactly. The scale has
-  w's rank with size G along `axis` and 1 elsewhere.
+  w's rank with the group counts along the grouped axes and 1 elsewhere.
   """
-  axis = _check_groups(w.shape, groups, axis, "ternary_codes")
-  codes, s = _ternary(w, groups, axis)
-  return codes.reshape(w.shape).astype(jnp.int8), _group_scale(1.0 / s, axis)
+  gs = _weight_groups(w.shape, groups, axis, "ternary_codes")
+  codes, s = _ternary(w, gs)
+  return codes.reshape(w.shape).astype(jnp.int8), _group_scale(1.0 / s, gs)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from bitnet_jax import data, optim
+from bitnet_jax import data, optim, sharding
 from bitnet_jax.model import PRESETS, ModelConfig, preset
 from configs.common import model_config_dict, parse_arg
 
@@ -80,9 +80,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict()
   config.data.source = "stdlib"         # stdlib | python_paths | text_dir:PATH | tfds:NAME[:SPLIT]
+  config.data.tokenizer = "byte"        # byte | sentencepiece:PATH | hf:PATH (then set config.model.vocab_size)
   config.data.valid_fraction = 0.02     # held out by file
   config.data.text_key = "text"         # the feature to read from a TFDS dataset
   config.data.eval_batches = 8          # fixed evenly spaced validation windows
+
+  # Devices: a (data, fsdp, tensor) mesh, one size may be -1 for "the rest"; the default is pure data parallel.
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  config.sharding = ml_collections.ConfigDict()
+  config.sharding.rules = sharding.DEFAULT_RULES   # logical axis -> mesh axes, for parameters and activations
+  config.sharding.per_shard_groups = True          # quantisation groups = shard counts (False: model.groups as set)
+  # Multi-host: empty address = from the environment (TPU pod, SLURM) or single process.
+  config.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=1, process_id=0))
 
   config.train = ml_collections.ConfigDict()
   config.train.steps = arg.steps or train_defaults["steps"]

@@ -83,8 +83,10 @@ def test_stdlib_corpus_size_and_dtype(stdlib_corpus):
   assert c.n_train_files > 100 and c.n_valid_files >= 1
   assert int(c.train.max()) <= EOS
   s = c.summary()
-  assert s == {"name": "stdlib", "fingerprint": c.fingerprint, "n_train_files": c.n_train_files,
-               "n_valid_files": c.n_valid_files, "train_tokens": c.train.size, "valid_tokens": c.valid.size}
+  assert s == {"name": "stdlib", "fingerprint": c.fingerprint, "content_fingerprint": c.fingerprint,
+               "tokenizer": {"name": "byte", "vocab_size": 259, "fingerprint": "byte"},
+               "n_train_files": c.n_train_files, "n_valid_files": c.n_valid_files,
+               "train_tokens": c.train.size, "valid_tokens": c.valid.size}
   # Token counts: every file's bytes plus one EOS between consecutive files of each split.
   files = data._stdlib_files()
   assert len(files) == c.n_train_files + c.n_valid_files

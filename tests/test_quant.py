@@ -107,6 +107,33 @@ def test_each_weight_group_is_quantised_alone(kind, axis):
     np.testing.assert_array_equal(whole[idx], np.asarray(fn(jnp.asarray(slab))))
 
 
+@pytest.mark.parametrize("kind", ["ternary", "binary"])
+@pytest.mark.parametrize("grid", [(2, 4), (4, 1), (1, 1), (8, 3)])
+def test_each_weight_block_of_a_2d_group_grid_is_quantised_alone(kind, grid):
+  """groups=(G_in, G_out): one statistic per block, the layout a device of an FSDP x tensor mesh holds."""
+  fn, _ = WEIGHT_FNS[kind]
+  codes_fn = quant.ternary_codes if kind == "ternary" else quant.binary_codes
+  w = jnp.asarray(_dyadic((32, 48), seed=11))
+  whole = np.asarray(fn(w, groups=grid))
+  codes, scale = codes_fn(w, groups=grid)
+  assert scale.shape == grid
+  np.testing.assert_array_equal(np.asarray(codes * quant.expand_group_scale(scale, w.shape)), whole)
+  bi, bo = 32 // grid[0], 48 // grid[1]
+  for i in range(grid[0]):
+    for o in range(grid[1]):
+      block = w[i * bi:(i + 1) * bi, o * bo:(o + 1) * bo]
+      np.testing.assert_array_equal(whole[i * bi:(i + 1) * bi, o * bo:(o + 1) * bo], np.asarray(fn(block)))
+  if grid[0] == 1:   # a one-row grid is the single-axis form
+    np.testing.assert_array_equal(whole, np.asarray(fn(w, groups=grid[1], axis=-1)))
+
+
+def test_bad_group_grid_is_refused():
+  with pytest.raises(ValueError, match=r"one count per dimension"):
+    quant.ternary_weights(jnp.ones((8, 8)), groups=(2, 2, 2))
+  with pytest.raises(ValueError, match=r"groups=3 does not divide dimension 1"):
+    quant.ternary_codes(jnp.ones((8, 8)), groups=(2, 3))
+
+
 def test_each_activation_group_is_quantised_alone():
   x = jnp.asarray(_normal((3, 4, 32), seed=9))   # max/min are exact whatever the layout
   whole = np.asarray(quant.quantize_activations(x, 8, per_token=False, groups=4))

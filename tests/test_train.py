@@ -155,7 +155,7 @@ def test_batch_not_divisible_by_devices_is_refused():
           "except ValueError as e:\n  print('ERR', e)\n")
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-  assert "ERR config.train.batch_size=6 is not divisible by the 4 data-parallel devices" in out.stdout, out.stderr
+  assert "ERR config.train.batch_size=6 is not divisible by the 4 data-parallel shards" in out.stdout, out.stderr
 
 
 def test_missing_corpus_is_refused(tmp_path):

@@ -1,0 +1,149 @@
+"""Matrix-vector time with 2-bit ternary weights: the Pallas kernel vs XLA bf16 vs XLA "unpack then dot".
+
+    python benchmarks/matvec.py                 # GPU: 4096x11008, 11008x4096, 8192x28672 at batch 1 and 16
+    python benchmarks/matvec.py --small         # tiny shapes, XLA paths only (automatic on CPU)
+
+The b1.58 paper's latency and memory figures (Table 1, PAPERS.md section 2) were measured with weights stored in
+2 bits; decoding is memory bound, so the figure of merit is how fast the weights stream from memory. Each timed
+call runs `--layers` (>= 8) separate weight copies one after the other, so that every layer's weights come from
+HBM and not from L2 (H100 L2: 50 MB), and reports the median time per layer, the effective bandwidth (weight
+bytes read per layer / time: bf16 2 bytes per weight, 2-bit 0.25 bytes plus scales) and the speedup over the
+XLA bf16 matmul measured in the same run (round-robin over the paths, after warm-up calls).
+
+On CPU the Pallas kernel only runs in the interpreter, which says nothing about speed: it is not timed, only
+checked against the XLA path once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from bitnet_jax import packing
+from bitnet_jax.kernels.ternary_matmul import ACCELERATORS, reference_matmul, ternary_matmul
+
+FULL_SHAPES = ((4096, 11008), (11008, 4096), (8192, 28672))   # [K, N]: LLaMA-7B FFN up/down, a 70B-class FFN
+SMALL_SHAPES = ((256, 512), (512, 256), (512, 1024))
+
+
+def _shape(text: str) -> tuple[int, int]:
+  k, n = text.lower().split("x")
+  return int(k), int(n)
+
+
+def make_layers(k: int, n: int, layers: int, seed: int = 0):
+  """`layers` independent weights on the device: bf16 [K, N], and 2-bit packed ternary codes [K, N/4] + scale."""
+  @jax.jit
+  def one(key):
+    kc, kw = jax.random.split(key)
+    codes = jax.random.randint(kc, (k, n), -1, 2, jnp.int8)
+    return (jax.random.normal(kw, (k, n), jnp.bfloat16) * 0.02, packing.pack_2bit(codes, axis=-1),
+            jnp.full((1, 1), 0.02, jnp.float32))
+  return [one(key) for key in jax.random.split(jax.random.key(seed), layers)]
+
+
+def stacked(matmul_fn):
+  """Runs one matmul per layer with the same input and sums the outputs (so no layer is dead code)."""
+  def run(x, weights):
+    out = None
+    for w in weights:
+      y = matmul_fn(x, w)
+      out = y if out is None else out + y
+    return out
+  return jax.jit(run)
+
+
+def round_robin_medians(fns: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
+  """Median seconds per call of each thunk, one call of each per round, after `warmup` calls each."""
+  for fn in fns.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn())
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - t0)
+  return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  parser.add_argument("--small", action="store_true", help="tiny shapes, XLA paths only (default on CPU)")
+  parser.add_argument("--shapes", nargs="+", type=_shape, help="weight shapes KxN (default: see above)")
+  parser.add_argument("--batches", nargs="+", type=int, default=[1, 16], help="rows of x (default: 1 16)")
+  parser.add_argument("--layers", type=int, default=8, help="weight copies cycled per call (>= 8; default 8)")
+  parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 30, 20 with --small)")
+  parser.add_argument("--block-m", type=int, default=None, help="kernel rows per tile (default: auto)")
+  parser.add_argument("--block-n", type=int, default=None, help="kernel packed byte columns per tile")
+  parser.add_argument("--block-k", type=int, default=None, help="kernel K rows per inner step")
+  parser.add_argument("--k-steps", type=int, default=None, help="kernel inner steps per program")
+  args = parser.parse_args(argv)
+  if args.layers < 8:
+    parser.error(f"--layers={args.layers}: at least 8 copies are needed to stream weights from HBM")
+
+  on_accelerator = jax.default_backend() in ACCELERATORS
+  small = args.small or not on_accelerator
+  use_kernel = on_accelerator and not small
+  shapes = args.shapes or (SMALL_SHAPES if small else FULL_SHAPES)
+  repeats = args.repeats or (20 if small else 30)
+  kernel_options = {k: v for k, v in dict(block_m=args.block_m, block_n=args.block_n, block_k=args.block_k,
+                                          k_steps=args.k_steps).items() if v is not None}
+
+  device = jax.devices()[0]
+  print(f"# matvec: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
+        f"python {platform.python_version()}; {args.layers} weight copies per call, median of {repeats} rounds")
+  if not use_kernel:
+    print("# XLA paths only: the Pallas kernel runs here only in interpret mode, which is not a speed "
+          "measurement (it is checked for correctness below instead).")
+  print("| K x N | batch | path | median us / layer | GB/s of weights | speedup vs bf16 |")
+  print("|---|---|---|---|---|---|")
+
+  checks = []
+  for k, n in shapes:
+    layers = make_layers(k, n, args.layers)
+    bf16_w = [w for w, _, _ in layers]
+    packed_w = [(p, s) for _, p, s in layers]
+    jax.block_until_ready(layers)
+    weight_bytes = {"XLA bf16": 2 * k * n, "XLA unpack+dot": k * -(-n // 4) + 4, "Pallas 2-bit": k * -(-n // 4) + 4}
+    paths = {
+        "XLA bf16": (stacked(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)), bf16_w),
+        "XLA unpack+dot": (stacked(lambda x, w: reference_matmul(x, w[0], w[1], n_out=n)), packed_w),
+    }
+    if use_kernel:
+      paths["Pallas 2-bit"] = (stacked(lambda x, w: ternary_matmul(x, w[0], w[1], n_out=n, **kernel_options)),
+                               packed_w)
+    for batch in args.batches:
+      x = jax.random.normal(jax.random.key(batch), (batch, k), jnp.bfloat16)
+      if use_kernel:   # the timed kernel must also be right
+        got = ternary_matmul(x, *packed_w[0], n_out=n, **kernel_options)
+        ref = reference_matmul(x, *packed_w[0], n_out=n)
+        checks.append((k, n, batch, float(jnp.max(jnp.abs(got - ref))), float(jnp.max(jnp.abs(ref)))))
+      medians = round_robin_medians({name: (lambda f=f, w=w: f(x, w)) for name, (f, w) in paths.items()}, repeats)
+      base = medians["XLA bf16"]
+      for name, t in medians.items():
+        per_layer = t / args.layers
+        print(f"| {k}x{n} | {batch} | {name} | {per_layer * 1e6:.1f} | {weight_bytes[name] / per_layer / 1e9:.1f} | "
+              f"{base / t:.2f}x |")
+    del layers, bf16_w, packed_w, paths
+
+  if not use_kernel:   # correctness only, on the smallest shape: interpret mode
+    k, n = min(shapes, key=lambda s: s[0] * s[1])
+    (_, packed, scale), = make_layers(k, n, 1, seed=1)
+    x = jax.random.normal(jax.random.key(0), (1, k), jnp.bfloat16)
+    got = ternary_matmul(x, packed, scale, n_out=n, interpret=True, **kernel_options)
+    ref = reference_matmul(x, packed, scale, n_out=n)
+    checks.append((k, n, 1, float(jnp.max(jnp.abs(got - ref))), float(jnp.max(jnp.abs(ref)))))
+  for k, n, batch, err, size in checks:
+    mode = "compiled" if use_kernel else "interpret mode"
+    print(f"# kernel check ({mode}) {k}x{n} batch {batch}: max |kernel - XLA| = {err:.3g} (max |y| = {size:.3g})")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,9 @@
+"""kernels: Pallas kernels for low-bit inference (quant -> layers -> model -> packing -> kernels -> generate).
+
+`ternary_matmul` is the 2-bit weight kernel (decode inside the kernel); `matmul` dispatches to it on GPU/TPU and
+to the XLA reference path (`reference_matmul`: unpack, then one dot) elsewhere.
+"""
+
+from bitnet_jax.kernels.ternary_matmul import matmul, reference_matmul, ternary_matmul
+
+__all__ = ["matmul", "reference_matmul", "ternary_matmul"]

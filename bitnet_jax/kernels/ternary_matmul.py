@@ -1,0 +1,230 @@
+"""ternary_matmul: a Pallas matmul with 2-bit packed ternary weights decoded in the kernel (packing -> kernels).
+
+Computes `y = x @ (unpack_2bit(packed_w, n_out) * scale)` for a weight packed by `packing.pack_2bit(codes,
+axis=-1)`: `packed_w` is uint8 [K, P], P = ceil(n_out / 4), and (the planar layout of `bitnet_jax.packing`)
+bit pair i of byte column j holds output column `i * P + j`. A grid program decodes a [bk, bn] tile of bytes
+into four planes of codes with one shift and mask each and runs four dots with the same activation tile; its
+four [bm, bn] results are output columns `i * P + j` for its j. This is the b1.58 paper's inference setting
+(PAPERS.md section 2, "weights stored in 2 bits"; FAQ `y = lowbit_gemm(x_q, w_q) / w_scale / x_scale`).
+
+Activations: bf16 (or f16 / f32) with float32 accumulation, or int8 codes (`quant.activation_codes`) with exact
+int32 accumulation and a per-token `x_scale`. Weight scales: the (G_in, G_out) grid of `quant.ternary_codes`
+(BitNet section 2.3): (1, G) is one scale per output-column group; with input-row groups (G_in > 1, or activation
+groups) each program's K range lies inside one group, and the group sums are rescaled before they are added
+(`packing.rescale_group_sums`, as `packing.int_matmul` documents).
+
+Grid (M tiles, N tiles, K splits): each program loops over `k_steps` K chunks of `block_k` rows with
+`lax.fori_loop` and writes its own partial sums; XLA adds the K splits and rescales once. No program revisits
+an output block and nothing is accumulated across programs, so the kernel lowers through Triton on GPU (block
+sizes are powers of two, rows padded to >= 16 for the tensor-core dot, no reshapes or concatenations inside).
+Shapes that do not fit the blocks are padded in the wrapper (padded weight bytes decode to code 0).
+
+Tested on CPU (`tests/test_kernels.py`): values in interpret mode, and that the compiled form lowers for CUDA to
+a Triton call (Triton IR generated; PTX compilation and TPU/Mosaic lowering are not exercised without the
+hardware). Timings come from `benchmarks/matvec.py` on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from bitnet_jax import packing
+
+try:   # Triton's compiler parameters; passing them selects the Triton backend (jax 0.10 defaults to Mosaic GPU)
+  from jax.experimental.pallas import triton as pltriton
+except ImportError:   # pragma: no cover - a jax without the Triton backend
+  pltriton = None
+
+ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
+_ZERO_BYTE = 0b01010101   # four codes 0 (digit 1 in every bit pair): padding that adds nothing
+
+
+def _squeezed():
+  return pl.squeezed if hasattr(pl, "squeezed") else None
+
+
+def _pow2_at_least(n: int) -> int:
+  return 1 << max(n - 1, 0).bit_length()
+
+
+def _kernel(x_ref, w_ref, o_ref, *, block_k: int, k_steps: int, acc_dtype):
+  """x_ref (bm, k_steps * bk), w_ref (k_steps * bk, bn) uint8, o_ref (4, bm, bn): four planes of partial sums."""
+  bm, bn = x_ref.shape[0], w_ref.shape[1]
+
+  def step(s, accs):
+    k0 = pl.multiple_of(s * block_k, block_k)
+    x = x_ref[:, pl.ds(k0, block_k)]                                   # (bm, bk)
+    w = w_ref[pl.ds(k0, block_k), :].astype(jnp.int32)                 # (bk, bn) packed bytes
+    out = []
+    for i in range(4):                                                 # plane i: output columns i * P + j
+      codes = (((w >> (2 * i)) & 3) - 1).astype(x.dtype)               # (bk, bn) in {-1, 0, 1}
+      out.append(accs[i] + jnp.dot(x, codes, preferred_element_type=acc_dtype))
+    return tuple(out)
+
+  zeros = tuple(jnp.zeros((bm, bn), acc_dtype) for _ in range(4))
+  accs = jax.lax.fori_loop(0, k_steps, step, zeros)
+  for i in range(4):
+    o_ref[i, :, :] = accs[i]
+
+
+def _compiler_params(interpret: bool, num_warps: int, num_stages: int):
+  """Triton parameters for a compiled GPU kernel (they also select the Triton backend); None otherwise."""
+  if interpret or pltriton is None or jax.default_backend() == "tpu":
+    return None
+  return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _largest_divisor_at_most(n: int, cap: int) -> int:
+  return max(d for d in range(1, min(n, max(cap, 1)) + 1) if n % d == 0)
+
+
+def _check(x, packed_w, scales, n_out, groups, group_axis, x_scale) -> jax.Array:
+  """Validates the common arguments; returns the weight scales as a float32 (G_in, G_out) grid."""
+  if not isinstance(n_out, int) or isinstance(n_out, bool) or n_out < 1:
+    raise ValueError(f"n_out must be a positive int, got {n_out!r}")
+  if packed_w.dtype != jnp.uint8 or packed_w.ndim != 2:
+    raise ValueError(f"packed_w must be uint8 [K, ceil(n_out / 4)], got {packed_w.dtype} {packed_w.shape}")
+  if x.ndim < 1 or x.shape[-1] != packed_w.shape[0] or packed_w.shape[1] != -(-n_out // 4):
+    raise ValueError(f"x {x.shape}, packed_w {packed_w.shape} and n_out={n_out} do not fit "
+                     f"(need x [..., K], packed_w [K, {-(-n_out // 4)}])")
+  if group_axis not in (None, "in", "out"):
+    raise ValueError(f"group_axis={group_axis!r} must be None, 'in' or 'out'")
+  if groups is not None and groups != scales.size:
+    raise ValueError(f"groups={groups} does not match the {scales.size} scales given")
+  if scales.ndim == 2:      # the grid as quant.ternary_codes returns it
+    grid = scales.astype(jnp.float32)
+    if group_axis is not None and grid.shape[0 if group_axis == "out" else 1] != 1:
+      raise ValueError(f"scales of shape {scales.shape} are not grouped along the {group_axis!r} axis only")
+  elif scales.ndim <= 1:    # G scales along group_axis (default: output columns)
+    grid = scales.reshape((-1, 1) if group_axis == "in" else (1, -1)).astype(jnp.float32)
+  else:
+    raise ValueError(f"scales must be G values or a (G_in, G_out) grid, got shape {scales.shape}")
+  if grid.size < 1 or x.shape[-1] % grid.shape[0] or n_out % grid.shape[1]:
+    raise ValueError(f"scales of shape {scales.shape} ({grid.shape[0]} x {grid.shape[1]} groups) do not divide "
+                     f"the weight [K={x.shape[-1]}, N={n_out}]")
+  if jnp.issubdtype(x.dtype, jnp.integer):
+    if x.dtype != jnp.int8:
+      raise ValueError(f"integer activations must be int8 codes, got dtype {x.dtype}")
+    if x_scale is None:
+      raise ValueError("int8 activations need x_scale (the per-token scales of quant.activation_codes)")
+  return grid
+
+
+def ternary_matmul(x: jax.Array, packed_w: jax.Array, scales: jax.Array, *, n_out: int, groups: int | None = None,
+                   group_axis: str | None = None, x_scale: jax.Array | None = None, interpret: bool | None = None,
+                   block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
+                   k_steps: int | None = None, num_warps: int = 4, num_stages: int = 2) -> jax.Array:
+  """`x @ (unpack_2bit(packed_w, n_out) * scales)` (times `x_scale`) with the weights decoded in a Pallas kernel.
+
+  Args:
+    x: [..., K] activations, float (bf16 is the fast path) or int8 codes (then `x_scale` is required).
+    packed_w: uint8 [K, ceil(n_out / 4)], `packing.pack_2bit(codes, axis=-1)` of int8 codes [K, n_out].
+    scales: float32 weight scales: the (G_in, G_out) grid of `quant.ternary_codes` ((1, G): output groups), or
+      G values along `group_axis`.
+    n_out: output features N. groups: the number of scales, checked if given.
+    group_axis: for 1-D scales, "out" (default: G groups of output columns) or "in" (G groups of input rows);
+      for a grid, a check that it is grouped along that axis only.
+    x_scale: activation scales, x.shape[:-1] + (Gx,) or broadcastable to it (Gx activation groups along K).
+    interpret: run the kernel in the Pallas interpreter; None: only on CPU.
+    block_m, block_n, block_k: rows of x, packed byte columns of w (4 * block_n outputs) and K rows per inner
+      step, all powers of two (>= 16 for Triton); k_steps: inner steps per program (K splits = K / (k_steps bk)).
+    num_warps, num_stages: Triton launch parameters (GPU only).
+  Returns:
+    float32 [..., n_out].
+  """
+  x, packed_w, scales = jnp.asarray(x), jnp.asarray(packed_w), jnp.asarray(scales)
+  grid = _check(x, packed_w, scales, n_out, groups, group_axis, x_scale)
+  if interpret is None:
+    interpret = jax.default_backend() not in ACCELERATORS
+  *lead, k = x.shape
+  lead = tuple(lead)
+  m, p = math.prod(lead), packed_w.shape[1]
+  xs = packing.activation_scale_gm1(x_scale, lead)                      # (Gx, M, 1)
+  kg = packing.k_partitions(xs.shape[0], grid, k)                        # K parts with their own scales
+  kgs = k // kg                                                          # K rows per part
+  is_int = x.dtype == jnp.int8
+  acc_dtype = jnp.int32 if is_int else jnp.float32
+
+  # Tiles: powers of two, >= 16 (Triton's dot); K splits chosen to give the GPU enough programs.
+  bm = block_m or max(16, min(64, _pow2_at_least(m)))
+  bn = block_n or max(16, min(64, _pow2_at_least(p)))
+  bk = block_k or max(16, min(128, _pow2_at_least(kgs)))
+  for name, b in (("block_m", bm), ("block_n", bn), ("block_k", bk)):
+    if b < 1 or b & (b - 1):
+      raise ValueError(f"{name}={b} must be a power of two")
+  mp, pp = -(-m // bm) * bm, -(-p // bn) * bn
+  steps = -(-kgs // bk)                                                  # K chunks per group
+  if k_steps is None:
+    k_steps = steps // _largest_divisor_at_most(steps, -(-256 // ((mp // bm) * (pp // bn))))
+  if not isinstance(k_steps, int) or k_steps < 1:
+    raise ValueError(f"k_steps must be a positive int, got {k_steps!r}")
+  splits = -(-steps // k_steps)                                          # programs along K per group
+  kgp = splits * k_steps * bk                                            # padded K rows per group
+
+  # Pad (a no-op when the shapes fit the blocks): x with zeros, weight bytes with code 0.
+  x3 = x.reshape(m, kg, kgs)                                             # (M, Gk, K/Gk)
+  w3 = packed_w.reshape(kg, kgs, p)                                      # (Gk, K/Gk, P)
+  if (mp, kgp) != (m, kgs):
+    x3 = jnp.pad(x3, ((0, mp - m), (0, 0), (0, kgp - kgs)))
+  if (kgp, pp) != (kgs, p):
+    w3 = jnp.pad(w3, ((0, 0), (0, kgp - kgs), (0, pp - p)), constant_values=_ZERO_BYTE)
+  x2, w2 = x3.reshape(mp, kg * kgp), w3.reshape(kg * kgp, pp)
+  kc = k_steps * bk                                                      # K rows per program
+
+  partial = pl.pallas_call(
+      functools.partial(_kernel, block_k=bk, k_steps=k_steps, acc_dtype=acc_dtype),
+      out_shape=jax.ShapeDtypeStruct((kg * splits, 4, mp, pp), acc_dtype),
+      grid=(mp // bm, pp // bn, kg * splits),
+      in_specs=[pl.BlockSpec((bm, kc), lambda i, j, s: (i, s)),
+                pl.BlockSpec((kc, bn), lambda i, j, s: (s, j))],
+      out_specs=pl.BlockSpec((_squeezed(), 4, bm, bn), lambda i, j, s: (s, 0, i, j)),
+      interpret=interpret,
+      compiler_params=_compiler_params(interpret, num_warps, num_stages),
+      name="ternary_matmul_2bit",
+  )(x2, w2)                                                              # (Gk * S, 4, Mp, Pp)
+  acc = partial.reshape(kg, splits, 4, mp, pp).sum(axis=1)[:, :, :m, :p]  # (Gk, 4, M, P)
+  acc = acc.transpose(0, 2, 1, 3).reshape(kg, m, 4 * p)[:, :, :n_out]     # (Gk, M, N): column i * P + j
+  y = packing.rescale_group_sums(acc, xs, grid)
+  return y.reshape(lead + (n_out,))
+
+
+def reference_matmul(x: jax.Array, packed_w: jax.Array, scales: jax.Array, *, n_out: int,
+                     groups: int | None = None, group_axis: str | None = None,
+                     x_scale: jax.Array | None = None) -> jax.Array:
+  """The XLA path of `ternary_matmul`: unpack the codes, one dot per input group, the same rescale.
+
+  int8 activations: exactly `packing.int_matmul` (int32 sums, bit-identical to the kernel's int8 path).
+  Float activations: codes cast to x's dtype and a float32-accumulated dot (equal to the kernel up to the
+  order of float32 additions).
+  """
+  x, packed_w, scales = jnp.asarray(x), jnp.asarray(packed_w), jnp.asarray(scales)
+  grid = _check(x, packed_w, scales, n_out, groups, group_axis, x_scale)
+  *lead, k = x.shape
+  lead = tuple(lead)
+  m = math.prod(lead)
+  codes = packing.unpack_2bit(packed_w, n_out, axis=-1)                 # (K, N) int8
+  xs = packing.activation_scale_gm1(x_scale, lead)
+  kg = packing.k_partitions(xs.shape[0], grid, k)
+  x3 = x.reshape(m, kg, k // kg).transpose(1, 0, 2)                       # (Gk, M, K/Gk)
+  w3 = codes.reshape(kg, k // kg, n_out).astype(x.dtype)                  # (Gk, K/Gk, N)
+  acc_dtype = jnp.int32 if x.dtype == jnp.int8 else jnp.float32
+  acc = jax.lax.dot_general(x3, w3, (((2,), (1,)), ((0,), (0,))), preferred_element_type=acc_dtype)
+  return packing.rescale_group_sums(acc, xs, grid).reshape(lead + (n_out,))
+
+
+def matmul(x: jax.Array, packed_w: jax.Array, scales: jax.Array, *, n_out: int, groups: int | None = None,
+           group_axis: str | None = None, x_scale: jax.Array | None = None, **kernel_options) -> jax.Array:
+  """`ternary_matmul` on GPU/TPU (`jax.default_backend()`), `reference_matmul` (XLA) elsewhere.
+
+  On CPU the Pallas kernel would run in the interpreter, far slower than XLA's dot, hence the fallback.
+  """
+  if jax.default_backend() in ACCELERATORS:
+    return ternary_matmul(x, packed_w, scales, n_out=n_out, groups=groups, group_axis=group_axis,
+                          x_scale=x_scale, **kernel_options)
+  return reference_matmul(x, packed_w, scales, n_out=n_out, groups=groups, group_axis=group_axis,
+                          x_scale=x_scale)

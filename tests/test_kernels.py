@@ -1,0 +1,133 @@
+"""Tests for bitnet_jax/kernels/ternary_matmul.py: the Pallas kernel (interpret mode on CPU) against the XLA path."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bitnet_jax import packing, quant
+from bitnet_jax.kernels import matmul, reference_matmul, ternary_matmul
+
+
+def _problem(lead, k, n, groups, group_axis, act, seed=0):
+  """Random ternary codes packed 2-bit along the output axis, positive group scales and activations."""
+  rng = np.random.default_rng(seed)
+  codes = rng.integers(-1, 2, size=(k, n)).astype(np.int8)
+  scales = rng.uniform(0.5, 1.5, size=(1, groups) if group_axis == "out" else (groups, 1)).astype(np.float32)
+  x = rng.normal(size=lead + (k,)).astype(np.float32) * 2
+  if act == "int8":
+    xc, xs = quant.activation_codes(jnp.asarray(x), groups=groups if group_axis == "in" else 1)
+  else:
+    xc, xs = jnp.asarray(x, act), None
+  return codes, packing.pack_2bit(codes, axis=-1), scales, xc, xs
+
+
+def _oracle(codes, scales, group_axis, xc, xs):
+  """float64 `x @ (codes * scale)` (times the activation scale) with the groups written out one by one."""
+  k, n = codes.shape
+  g = scales.size
+  w = codes.astype(np.float64) * (np.repeat(scales.reshape(1, g), n // g, axis=1) if group_axis == "out"
+                                  else np.repeat(scales.reshape(g, 1), k // g, axis=0))
+  x = np.asarray(xc, np.float64)
+  if xs is None:
+    return x @ w
+  xs = np.broadcast_to(np.asarray(xs, np.float64), x.shape[:-1] + (np.asarray(xs).shape[-1],))
+  xs = np.repeat(xs, k // xs.shape[-1], axis=-1)                  # per-element activation scale along K
+  return (x * xs) @ w
+
+
+CASES = [  # (lead shape, K, N, groups, group_axis, activations, kernel options)
+    ((1,), 64, 70, 1, "out", jnp.bfloat16, {}),                     # batch 1; N is no multiple of 4 or the block
+    ((1,), 100, 36, 2, "out", "int8", {}),                          # K is no multiple of the block
+    ((3,), 96, 40, 2, "in", "int8", {}),                            # odd M, input-axis groups
+    ((5,), 48, 24, 3, "out", jnp.bfloat16, {}),                     # three output groups
+    ((2, 3), 128, 64, 4, "in", jnp.bfloat16, dict(block_k=16, k_steps=2)),   # 2 K splits per group, 2 steps each
+    ((7,), 200, 36, 4, "out", "int8", dict(block_k=16, k_steps=3)),  # K padded from 200 to 240 inside
+    ((17,), 32, 130, 1, "out", "int8", dict(block_m=16, block_n=16)),  # 2 row tiles, 3 column tiles
+    ((2,), 64, 8, 2, "in", jnp.float32, {}),                        # float32 activations
+    ((16,), 256, 64, 8, "out", jnp.bfloat16, {}),                   # batch 16, eight output groups
+    ((1,), 40, 5, 1, "out", "int8", {}),                            # 5 outputs in 2 packed columns
+]
+
+
+@pytest.mark.parametrize("lead,k,n,groups,group_axis,act,options", CASES)
+def test_kernel_matches_reference_path(lead, k, n, groups, group_axis, act, options):
+  codes, packed, scales, xc, xs = _problem(lead, k, n, groups, group_axis, act, seed=k + n)
+  got = ternary_matmul(xc, packed, scales, n_out=n, group_axis=group_axis, x_scale=xs, interpret=True, **options)
+  ref = reference_matmul(xc, packed, scales, n_out=n, group_axis=group_axis, x_scale=xs)
+  assert got.shape == lead + (n,) and got.dtype == jnp.float32
+  got, ref = np.asarray(got), np.asarray(ref)
+  if act == "int8":   # int32 sums are exact, and the rescale is the same function: bit for bit
+    np.testing.assert_array_equal(got, ref)
+  else:               # float32 sums in another order
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+  want = _oracle(codes, scales, group_axis, xc, xs).reshape(got.shape)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_per_tensor_activation_scale_and_padded_columns_are_neutral():
+  codes, packed, scales, _, _ = _problem((4,), 64, 30, 2, "out", "int8", seed=7)
+  x = jax.random.normal(jax.random.key(0), (4, 64))
+  xc, xs = quant.activation_codes(x, per_token=False)             # one scale, shape (1, 1)
+  got = ternary_matmul(xc, packed, scales, n_out=30, x_scale=xs, interpret=True)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(packing.int_matmul(
+      xc, xs, packing.unpack_2bit(packed, 30), jnp.asarray(scales))))
+  # Code 0 everywhere (the padding byte) gives exactly zero output.
+  zero = packing.pack_2bit(np.zeros((64, 30), np.int8))
+  assert not np.any(np.asarray(ternary_matmul(xc, zero, scales, n_out=30, x_scale=xs, interpret=True)))
+
+
+def test_dispatcher_uses_xla_on_cpu_and_the_kernel_lowers_to_triton_for_gpus():
+  assert jax.default_backend() == "cpu"
+  _, packed, scales, xc, _ = _problem((2,), 64, 48, 1, "out", jnp.bfloat16)
+  via_dispatch = jax.make_jaxpr(lambda x: matmul(x, packed, scales, n_out=48))(xc)
+  via_kernel = jax.make_jaxpr(lambda x: ternary_matmul(x, packed, scales, n_out=48, interpret=True))(xc)
+  assert "pallas_call" not in str(via_dispatch) and "pallas_call" in str(via_kernel)
+  np.testing.assert_array_equal(np.asarray(matmul(xc, packed, scales, n_out=48)),
+                                np.asarray(reference_matmul(xc, packed, scales, n_out=48)))
+  # Compiled (not interpreted) lowering for CUDA, at a benchmark shape: a Triton custom call, no Mosaic GPU.
+  for act, x_scale in ((jnp.bfloat16, None), (jnp.int8, jnp.ones((1, 1)))):
+    x = jax.ShapeDtypeStruct((1, 4096), act)
+    w = jax.ShapeDtypeStruct((4096, 11008 // 4), jnp.uint8)
+    fn = jax.jit(lambda x, w: ternary_matmul(x, w, jnp.ones((1, 1)), n_out=11008, x_scale=x_scale, interpret=False))
+    text = fn.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+    assert "xla.gpu.triton" in text and "mosaic" not in text.lower(), act
+
+
+def test_block_grid_of_scales_and_one_dimensional_scales():
+  """A (G_in, G_out) = (2, 4) grid (FSDP x tensor groups), and G scales given as a vector with group_axis."""
+  rng = np.random.default_rng(11)
+  codes = rng.integers(-1, 2, size=(64, 40)).astype(np.int8)
+  packed = packing.pack_2bit(codes, axis=-1)
+  grid = rng.uniform(0.5, 1.5, size=(2, 4)).astype(np.float32)
+  x = jax.random.normal(jax.random.key(1), (3, 64))
+  xc, xs = quant.activation_codes(x)
+  got = ternary_matmul(xc, packed, grid, n_out=40, x_scale=xs, interpret=True, block_k=16)
+  w = codes * np.repeat(np.repeat(grid.astype(np.float64), 32, axis=0), 10, axis=1)
+  want = (np.asarray(xc, np.float64) * np.asarray(xs, np.float64)) @ w
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(reference_matmul(xc, packed, grid, n_out=40, x_scale=xs)))
+  vector = jnp.asarray([0.5, 2.0])
+  np.testing.assert_array_equal(
+      np.asarray(reference_matmul(xc, packed, vector, n_out=40, x_scale=xs, group_axis="in")),
+      np.asarray(reference_matmul(xc, packed, vector.reshape(2, 1), n_out=40, x_scale=xs)))
+
+
+def test_bad_arguments_raise_value_error():
+  _, packed, scales, xc, xs = _problem((2,), 64, 48, 2, "out", "int8")
+  with pytest.raises(ValueError, match="x_scale"):
+    ternary_matmul(xc, packed, scales, n_out=48, interpret=True)
+  with pytest.raises(ValueError, match="n_out=50"):
+    ternary_matmul(xc, packed, scales, n_out=50, x_scale=xs, interpret=True)
+  with pytest.raises(ValueError, match="uint8"):
+    reference_matmul(xc, packed.astype(jnp.int32), scales, n_out=48, x_scale=xs)
+  with pytest.raises(ValueError, match="groups=3"):
+    ternary_matmul(xc, packed, scales, n_out=48, groups=3, x_scale=xs, interpret=True)
+  with pytest.raises(ValueError, match=r"\(1, 5\).*do not divide"):
+    matmul(xc, packed, jnp.ones((1, 5)), n_out=48, x_scale=xs)
+  with pytest.raises(ValueError, match="not grouped along the 'in' axis"):
+    matmul(xc, packed, scales, n_out=48, x_scale=xs, group_axis="in")
+  with pytest.raises(ValueError, match="block_k=24"):
+    ternary_matmul(xc, packed, scales, n_out=48, x_scale=xs, block_k=24, interpret=True)
