@@ -1,11 +1,12 @@
-"""compare: the quickstart job, BitNet b1.58 against its FP baseline side by side (train -> compare).
+"""compare: the quickstart job, BitNet b1.58 against its FP baseline side by side (train, generate -> compare).
 
     python -m bitnet_jax.compare --workdir=runs/quickstart [--size=small] [--steps=600] [--variants=b158,fp]
 
 Trains each variant of the same size on the embedded corpus (the standard library's source) through
 `train.train_and_evaluate`, each in `WORKDIR/<variant>` (resumable; a finished run is only re-evaluated), then
 prints a table (eval loss, perplexity, tokens/s, weight memory as trained and packed), writes
-`WORKDIR/loss_curves.png`, and prints a greedy sample from each model.
+`WORKDIR/loss_curves.png`, and prints a greedy sample from each model (its latest checkpoint, reloaded with
+`train.load_checkpoint` and decoded by `generate.greedy` with a KV cache).
 """
 
 from __future__ import annotations
@@ -16,15 +17,17 @@ import os
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bitnet_jax import train  # noqa: E402
+from bitnet_jax import generate, tokenizer, train  # noqa: E402
 
 
-def _load_config(name: str, steps: int | None, sample_tokens: int):
+def _load_config(name: str, steps: int | None):
   sys.path.insert(0, os.getcwd())
   from configs import lm   # configs/ sits at the repository root
   config = lm.get_config(name)
@@ -32,8 +35,15 @@ def _load_config(name: str, steps: int | None, sample_tokens: int):
     config.train.steps = steps
     config.train.eval_every = min(config.train.eval_every, steps)
     config.train.checkpoint_every = min(config.train.checkpoint_every, steps)
-  config.train.sample_tokens = sample_tokens
   return config
+
+
+def sample(run_dir: Path, n_tokens: int, prompt: str = "def ") -> str:
+  """A greedy continuation of `prompt` by the latest checkpoint in `run_dir`, decoded with the run's tokenizer."""
+  model, config = train.load_checkpoint(run_dir)
+  tok = tokenizer.make_tokenizer(config.data.get("tokenizer", "byte"))
+  out = generate.greedy(model, jnp.asarray(tok.encode(prompt), jnp.int32)[None], n_tokens)
+  return tok.decode(np.asarray(out[0]))
 
 
 def plot_curves(workdir: Path, names: list[str], out: Path) -> None:
@@ -82,8 +92,11 @@ def main(argv=None) -> dict:
   summaries = []
   for name in names:
     print(f"== {name} ==", flush=True)
-    config = _load_config(name, args.steps, args.sample_tokens)
-    summaries.append(train.train_and_evaluate(config, workdir / name))
+    config = _load_config(name, args.steps)
+    summary = train.train_and_evaluate(config, workdir / name)
+    if args.sample_tokens:
+      summary["sample"] = sample(workdir / name, args.sample_tokens)
+    summaries.append(summary)
   plot_curves(workdir, names, workdir / "loss_curves.png")
 
   print("\n" + table(summaries))

@@ -1,39 +1,227 @@
-"""generate: text generation from a trained model (model -> generate; used by train for samples).
+"""generate: sampling from a trained model with a KV cache (model -> sharding -> train -> generate).
 
-`greedy` re-runs the full causal forward over a fixed-length buffer at every step: one compilation, no cache.
-It is exact (each new token is the argmax of a full forward over the prefix) and fast enough for the short
-samples the trainer prints; the KV-cache decoder with sampling options is tracked by the inference issue.
+    python -m bitnet_jax.generate --workdir=runs/quickstart/b158-small --prompt="def " [--max_new_tokens=80]
+        [--temperature=0.8 --top_k=40 --top_p=0.95 --seed=0 --kv_cache=bfloat16|float32|int8|int4]
+
+`generate(model, prompt, n, ...)` is one jitted program: a prefill (`Transformer.decode` on the whole prompt)
+writes the prompt's K/V into a `kv_cache.KVCache` and gives the first new token, then a `lax.fori_loop` runs
+one single-token decode step per further token. Sampling: temperature 0 is greedy (argmax); otherwise the logits
+are divided by the temperature, cut to the top k, then to the top p (nucleus: the most likely tokens until their
+probability reaches p), and drawn from with `fold_in(key(seed), step)`: a seed reproduces its tokens.
+
+The model decodes in its inference form (`inference_form`): every BitLinear's weights quantised once, up front,
+as the b1.58 FAQ's inference BitLinear does offline (the training form re-quantises the latent weights in every
+call), and BitNet's per-tensor activation scales (its training mode) made per token, as BitNet does at inference
+(PAPERS.md section 1). Per-token scales make each token's computation independent of the others, the condition
+for a KV cache to compute the full forward's function; for b158 and fp models the inference form is that
+function unchanged. With a float32 cache on a float32 model every greedy token is the argmax of a full forward
+over its prefix (tested for fp, b158 and bitnet); a quantised cache of kind X equals the full forward with
+`ModelConfig.kv_quant=X`.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import math
+import sys
+import time
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from bitnet_jax import kv_cache
+from bitnet_jax.layers import BitLinear
 from bitnet_jax.model import Transformer
 
 
-@nnx.jit(static_argnums=(2,))
-def _greedy(model: Transformer, prompt_bt: jax.Array, max_new_tokens: int) -> jax.Array:
-  B, P = prompt_bt.shape
-  buf = jnp.zeros((B, P + max_new_tokens), jnp.int32).at[:, :P].set(prompt_bt)
-
-  def body(i, buf):
-    logits = model(buf)                                                  # (B, L, V); causal: pads are unseen
-    nxt = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, i - 1, axis=1, keepdims=False), axis=-1)
-    return jax.lax.dynamic_update_index_in_dim(buf, nxt.astype(jnp.int32), i, axis=1)
-
-  return jax.lax.fori_loop(P, P + max_new_tokens, body, buf)
+# --------------------------------------------------------------------------------------------------------------
+# The inference form of a model.
+# --------------------------------------------------------------------------------------------------------------
+@nnx.jit
+def _quantized_kernels(model: Transformer) -> list[jax.Array]:
+  return [m.quantized_kernel().astype(m.dtype) for _, m in nnx.iter_graph(model) if isinstance(m, BitLinear)]
 
 
-def greedy(model: Transformer, prompt_tokens: jax.Array, max_new_tokens: int) -> jax.Array:
-  """Greedy decoding: int32 prompt [B, P] -> prompt followed by `max_new_tokens` tokens, int32 [B, P + n]."""
-  prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
-  if prompt_tokens.ndim != 2 or prompt_tokens.shape[1] < 1:
-    raise ValueError(f"prompt_tokens must be int32 [batch, length >= 1], got shape {prompt_tokens.shape}")
-  total = prompt_tokens.shape[1] + max_new_tokens
-  if total > model.cfg.max_seq_len:
-    raise ValueError(f"prompt length {prompt_tokens.shape[1]} + max_new_tokens {max_new_tokens} = {total} exceeds "
-                     f"the model's max_seq_len={model.cfg.max_seq_len}")
-  return _greedy(model, prompt_tokens, int(max_new_tokens))
+def _is_inference_form(model: Transformer) -> bool:
+  return all(m.weight_quant == "none" and m.act_per_token and m.kernel[...].dtype == m.dtype
+             for _, m in nnx.iter_graph(model) if isinstance(m, BitLinear))
+
+
+def inference_form(model: Transformer) -> Transformer:
+  """A copy of `model` for decoding: each BitLinear's kernel replaced by the quantised kernel its forward uses, in
+  the compute dtype (`weight_quant="none"` from then on), and activation scales per token. Other parameters are
+  shared with `model`, which is left unchanged. A model already in this form is returned as is, so converting
+  once before many `generate` calls saves the conversion in each."""
+  if _is_inference_form(model):
+    return model
+  kernels = _quantized_kernels(model)
+  model = nnx.clone(model)
+  layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, BitLinear)]
+  for layer, kernel in zip(layers, kernels, strict=True):
+    layer.kernel.set_value(kernel)
+    layer.weight_quant = "none"
+    layer.act_per_token = True
+  return model
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sampling and the decode loop.
+# --------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """Next-token choice from logits [B, V]: greedy at temperature 0, else temperature, top-k, top-p, draw."""
+  temperature: float = 0.0
+  top_k: int | None = None
+  top_p: float | None = None
+
+  def __call__(self, logits_bv: jax.Array, key: jax.Array) -> jax.Array:
+    if self.temperature == 0.0:
+      return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    logits = logits_bv.astype(jnp.float32) / self.temperature
+    if self.top_k is not None:   # keep logits >= the k-th largest (ties at the k-th are kept too)
+      kth = jax.lax.top_k(logits, self.top_k)[0][:, -1:]                            # (B, 1)
+      logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if self.top_p is not None:   # keep the most likely tokens until their probability reaches top_p
+      desc = -jnp.sort(-logits, axis=-1)                                            # (B, V) descending
+      probs = jax.nn.softmax(desc, axis=-1)
+      before = jnp.cumsum(probs, axis=-1) - probs                                   # mass of the tokens ahead
+      cutoff = jnp.min(jnp.where(before < self.top_p, desc, jnp.inf), axis=-1, keepdims=True)   # (B, 1)
+      logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@nnx.jit(static_argnums=(3, 4, 5))
+def _generate(model: Transformer, prompt_bp: jax.Array, seed: jax.Array, max_new_tokens: int, kv_kind: str,
+              sampler: Sampler) -> jax.Array:
+  B, P = prompt_bp.shape
+  N = max_new_tokens
+  key = jax.random.key(seed)
+  cache = model.init_cache(B, P + N, kv_kind)
+  logits, cache = model.decode(prompt_bp, cache)                                  # prefill: (B, P, V)
+  first = sampler(logits[:, -1], jax.random.fold_in(key, 0))                      # (B,)
+  out = jnp.zeros((B, P + N), jnp.int32).at[:, :P].set(prompt_bp).at[:, P].set(first)
+
+  def step(i, carry):   # writes the token at position P + i from the one at P + i - 1
+    out, cache = carry
+    prev = jax.lax.dynamic_slice_in_dim(out, P + i - 1, 1, axis=1)                 # (B, 1)
+    logits, cache = model.decode(prev, cache)                                     # (B, 1, V)
+    nxt = sampler(logits[:, 0], jax.random.fold_in(key, i))
+    return jax.lax.dynamic_update_index_in_dim(out, nxt, P + i, axis=1), cache
+
+  out, _ = jax.lax.fori_loop(1, N, step, (out, cache))
+  return out
+
+
+def _check(model: Transformer, prompt: np.ndarray, max_new_tokens, temperature, top_k, top_p, seed,
+           kv_dtype) -> None:
+  cfg = model.cfg
+  if prompt.ndim != 2 or not np.issubdtype(prompt.dtype, np.integer):
+    raise ValueError(f"prompt_tokens must be integer token ids of shape [batch, length], got {prompt.dtype} "
+                     f"{prompt.shape}")
+  if prompt.shape[0] < 1 or prompt.shape[1] < 1:
+    raise ValueError(f"prompt_tokens is empty (shape {prompt.shape}): generation needs at least one token")
+  if prompt.min() < 0 or prompt.max() >= cfg.vocab_size:
+    raise ValueError(f"prompt_tokens holds ids outside [0, vocab_size={cfg.vocab_size}): "
+                     f"min {prompt.min()}, max {prompt.max()}")
+  if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+  total = prompt.shape[1] + max_new_tokens
+  if total > cfg.max_seq_len:
+    raise ValueError(f"prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} = {total} exceeds the "
+                     f"model's max_seq_len={cfg.max_seq_len}")
+  if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+    raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+  if top_k is not None and (not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool)
+                            or not 1 <= top_k <= cfg.vocab_size):
+    raise ValueError(f"top_k must be None or an int in [1, vocab_size={cfg.vocab_size}], got {top_k!r}")
+  if top_p is not None and (not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
+    raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+  if temperature == 0 and (top_k is not None or top_p is not None):
+    raise ValueError(f"top_k={top_k!r} / top_p={top_p!r} have no effect at temperature=0 (greedy): "
+                     "set a temperature > 0 to sample")
+  if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2 ** 31:
+    raise ValueError(f"seed must be an int in [0, 2^31), got {seed!r}")
+  if kv_dtype not in kv_cache.KV_KINDS:
+    raise ValueError(f"kv_dtype must be one of {kv_cache.KV_KINDS}, got {kv_dtype!r}")
+
+
+def generate(model: Transformer, prompt_tokens, max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             kv_dtype: str = "bfloat16") -> jax.Array:
+  """Prompt followed by `max_new_tokens` generated tokens: int32 [batch, length + max_new_tokens].
+
+  Args:
+    model: a Transformer of any variant (decoded in its `inference_form`).
+    prompt_tokens: integer ids [batch, length >= 1]; every row continues from the same position.
+    max_new_tokens: >= 1; length + max_new_tokens <= the model's max_seq_len.
+    temperature: 0 for greedy decoding, else the softmax temperature.
+    top_k: sample among the k most likely tokens only (None: all).
+    top_p: sample among the most likely tokens whose probability reaches top_p, in (0, 1] (None: all).
+    seed: the sampling key's seed; the same seed gives the same tokens.
+    kv_dtype: the KV cache's storage: "bfloat16" (default), "float32", "int8" or "int4" (`kv_cache`).
+
+  Raises:
+    ValueError: an empty or out-of-vocabulary prompt, a sequence longer than max_seq_len, a bad temperature,
+      top_k, top_p, seed or kv_dtype, or top_k / top_p with temperature 0.
+  """
+  prompt = np.asarray(prompt_tokens)
+  _check(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, kv_dtype)
+  sampler = Sampler(float(temperature), None if top_k is None else int(top_k),
+                    None if top_p is None or top_p == 1.0 else float(top_p))
+  return _generate(inference_form(model), jnp.asarray(prompt, jnp.int32), jnp.int32(seed), int(max_new_tokens),
+                   kv_dtype, sampler)
+
+
+def greedy(model: Transformer, prompt_tokens, max_new_tokens: int, *, kv_dtype: str = "bfloat16") -> jax.Array:
+  """Greedy decoding: `generate` at temperature 0."""
+  return generate(model, prompt_tokens, max_new_tokens, temperature=0.0, kv_dtype=kv_dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CLI.
+# --------------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> str:
+  """Loads a run's latest checkpoint, prints the continuation of --prompt and the decoding speed; returns the
+  text. A missing run or checkpoint, or bad arguments, end the process with a one-line message."""
+  parser = argparse.ArgumentParser(description="Sample from a trained bitnet_jax run (KV-cache decoding).")
+  parser.add_argument("--workdir", required=True, help="a training run directory (config.json, checkpoints/)")
+  parser.add_argument("--prompt", default="def ", help="text to continue")
+  parser.add_argument("--max_new_tokens", type=int, default=80)
+  parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+  parser.add_argument("--top_k", type=int, default=None)
+  parser.add_argument("--top_p", type=float, default=None)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--kv_cache", default="bfloat16", choices=kv_cache.KV_KINDS, help="KV cache storage")
+  args = parser.parse_args(argv)
+  from absl import logging   # the CLI alone needs train (orbax, grain) and the tokenizer files
+  from bitnet_jax import tokenizer, train
+  logging.set_verbosity(logging.WARNING)   # orbax logs every restore at INFO
+
+  try:
+    model, config = train.load_checkpoint(args.workdir)
+    tok = tokenizer.make_tokenizer(config.data.get("tokenizer", "byte"))
+    prompt = np.asarray(tok.encode(args.prompt), np.int32)[None]
+    run = lambda: jax.block_until_ready(generate(
+        model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        seed=args.seed, kv_dtype=args.kv_cache))
+    t0 = time.perf_counter()
+    run()                                   # compiles
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = run()
+    seconds = time.perf_counter() - t0
+  except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"generate: error: {e}") from None
+  text = tok.decode(np.asarray(out[0]))
+  print(text)
+  print(f"-- {args.max_new_tokens} new tokens in {seconds:.3f} s: {args.max_new_tokens / seconds:.1f} tokens/s "
+        f"(batch 1, prompt {prompt.shape[1]} tokens, prefill included, {args.kv_cache} KV cache, "
+        f"{jax.devices()[0].platform}; first call with compilation {first:.1f} s)")
+  return text
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

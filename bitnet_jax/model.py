@@ -19,7 +19,12 @@ positions it uses); `bitnet_asymmetric_ffn` reads BitNet's "activations before t
 input of the FFN's second projection (the output of the GELU/ReLU), and is off by default because with SubLN that
 input is normalised and no longer non-negative.
 
-Shapes: B batch, T sequence, D d_model, H query heads, K kv heads, G = H / K, Dh head dim, F d_ff, V vocab.
+Generation: `Transformer.decode(tokens, cache)` continues sequences held in a `kv_cache.KVCache` (per layer K and V
+[B, L, K, Dh] plus the next position) and returns (logits, updated cache); `bitnet_jax.generate` drives it.
+`ModelConfig.kv_quant` rounds K/V in the full forward as a quantised cache would (teacher-forced KV-cache loss).
+
+Shapes: B batch, T sequence, D d_model, H query heads, K kv heads, G = H / K, Dh head dim, F d_ff, V vocab,
+L cache length, S key positions.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bitnet_jax import kv_cache
+from bitnet_jax.kv_cache import KVCache, LayerKV
 from bitnet_jax.layers import NORM_KINDS, WEIGHT_QUANTIZERS, BitLinear, Norm, logical_constraint, make_param
 
 AUTO = "auto"   # a field left to the variant's default
@@ -93,6 +100,9 @@ class ModelConfig:
   dtype: str | None = None             # compute dtype; None: bfloat16 on accelerators, float32 on CPU (at build)
   param_dtype: str = "float32"         # latent weights (always float32 in the papers' recipes)
   remat: str = "none"                  # none | dots | full: rematerialise each block in the backward pass
+  # Round K and V in the full forward as a KV cache of this kind stores them (none | bfloat16 | int8 | int4;
+  # `kv_cache.fake_quant`): the teacher-forced loss of decoding with a quantised cache. "none" changes nothing.
+  kv_quant: str = "none"
 
   def __post_init__(self):
     if self.variant not in VARIANTS:
@@ -141,6 +151,8 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.fsdp_groups={self.fsdp_groups} does not divide d_model={self.d_model}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"ModelConfig.remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
+    if self.kv_quant not in kv_cache.KV_QUANT:
+      raise ValueError(f"ModelConfig.kv_quant must be one of {kv_cache.KV_QUANT}, got {self.kv_quant!r}")
 
   @property
   def compute_dtype(self) -> jnp.dtype:
@@ -236,7 +248,7 @@ def _shared_norm(layer: BitLinear, x: jax.Array) -> jax.Array | None:
 
 
 class Attention(nnx.Module):
-  """Causal multi-head attention with GQA and RoPE; q/k/v column-parallel, o row-parallel."""
+  """Causal multi-head attention with GQA and RoPE; q/k/v column-parallel, o row-parallel; optional KV cache."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -247,7 +259,15 @@ class Attention(nnx.Module):
     self.sub_norm = _norm(cfg, "rms" if cfg.sub_norms else None, H * Dh, "heads", cfg.groups)
     self.o_proj = _linear(cfg, H * Dh, D, ("heads", "embed"), parallel="row", rngs=rngs, norm=not cfg.sub_norms)
 
-  def __call__(self, x_btd: jax.Array, positions: jax.Array) -> jax.Array:
+  def __call__(self, x_btd: jax.Array, positions: jax.Array,
+               cache: LayerKV | None = None) -> tuple[jax.Array, LayerKV | None]:
+    """(output (B, T, D), cache). positions (T,): the tokens' absolute positions, for RoPE.
+
+    Without a cache (training, scoring): causal attention among the T tokens, K and V rounded as `cfg.kv_quant`
+    says. With one (decoding): the new tokens' K/V are written into the cache at `positions`, and the queries
+    attend over all L cache positions, a key being visible iff its position is <= the query's (positions not
+    yet written lie after every query, so they are masked too).
+    """
     cfg = self.cfg
     B, T, _ = x_btd.shape
     H, K, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -258,15 +278,21 @@ class Attention(nnx.Module):
     q = logical_constraint(q, (BATCH, LENGTH, "act_heads", None))   # heads stay on their tensor shard
     k = logical_constraint(k, (BATCH, LENGTH, "act_kv_heads", None))
     v = logical_constraint(v, (BATCH, LENGTH, "act_kv_heads", None))
+    if cache is None:
+      k, v = kv_cache.fake_quant(k, cfg.kv_quant), kv_cache.fake_quant(v, cfg.kv_quant)   # "none": k, v as is
+      visible = jnp.tril(jnp.ones((T, T), dtype=bool))                               # (T, S = T)
+    else:
+      cache = cache.write(k, v, positions[0])
+      k, v = cache.read(k.dtype)                                                     # (B, S = L, K, Dh)
+      visible = jnp.arange(k.shape[1])[None, :] <= positions[:, None]               # (T, S = L)
     q = q.reshape(B, T, K, H // K, Dh)                                              # (B, T, K, G, Dh)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(Dh)
-    causal = jnp.tril(jnp.ones((T, T), dtype=bool))                                # (T, S)
-    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)                        # (B, K, G, T, S)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H * Dh)          # (B, T, H*Dh)
     if self.sub_norm is not None:
       out = self.sub_norm(out)
-    return self.o_proj(out)
+    return self.o_proj(out), cache
 
 
 class FeedForward(nnx.Module):
@@ -308,28 +334,34 @@ class Block(nnx.Module):
     self.ffn_norm = _norm(cfg, cfg.block_norm, cfg.d_model, "embed")
     self.ffn = FeedForward(cfg, rngs=rngs)
 
-  def __call__(self, x_btd: jax.Array, positions: jax.Array) -> jax.Array:
+  def __call__(self, x_btd: jax.Array, positions: jax.Array,
+               cache: LayerKV | None = None) -> tuple[jax.Array, LayerKV | None]:
     h = self.attn_norm(x_btd) if self.attn_norm is not None else x_btd
-    x_btd = x_btd + self.attn(h, positions)
+    a, cache = self.attn(h, positions, cache)
+    x_btd = x_btd + a
     h = self.ffn_norm(x_btd) if self.ffn_norm is not None else x_btd
-    return x_btd + self.ffn(h)
+    return x_btd + self.ffn(h), cache
 
 
 def _run_block(block: Block, x: jax.Array, positions: jax.Array, remat: str) -> jax.Array:
   """block(x), with `jax.checkpoint` around it when rematerialising (the backward recomputes the block from its
   input instead of keeping its activations)."""
   if remat == "none":
-    return block(x, positions)
+    return block(x, positions)[0]
   graphdef, state = nnx.split(block)
 
   @functools.partial(jax.checkpoint, policy=REMAT_POLICIES[remat])
   def run(state, x):
-    return nnx.merge(graphdef, state)(x, positions)
+    return nnx.merge(graphdef, state)(x, positions)[0]
   return run(state, x)
 
 
 class Transformer(nnx.Module):
-  """Causal decoder-only LM: int32 tokens (B, T) -> float32 logits (B, T, V)."""
+  """Causal decoder-only LM: int32 tokens (B, T) -> float32 logits (B, T, V).
+
+  `__call__` is the full forward (training, scoring). `decode` is the generation path: it continues a sequence
+  held in a KV cache (`init_cache`), a prompt at once (prefill) or a token at a time.
+  """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -346,14 +378,53 @@ class Transformer(nnx.Module):
     B, T = tokens_bt.shape
     if T > cfg.max_seq_len:
       raise ValueError(f"sequence length {T} exceeds ModelConfig.max_seq_len={cfg.max_seq_len}")
-    x = jnp.take(self.embed[...], tokens_bt, axis=0).astype(cfg.compute_dtype)             # (B, T, D)
+    x = self._embed(tokens_bt)                                                      # (B, T, D)
     positions = jnp.arange(T)                                                       # (T,)
     residual = (BATCH, LENGTH, "act_embed")
     for block in self.blocks:
       x = logical_constraint(_run_block(block, logical_constraint(x, residual), positions, cfg.remat), residual)
-    x = self.final_norm(x)
+    return self._logits(x)
+
+  def init_cache(self, batch: int, max_len: int | None = None, kind: str = "bfloat16") -> KVCache:
+    """An empty KV cache for `batch` sequences of up to `max_len` (default max_seq_len) positions; `kind` is
+    float32 | bfloat16 | int8 | int4 (`kv_cache.KV_KINDS`)."""
+    cfg = self.cfg
+    max_len = cfg.max_seq_len if max_len is None else max_len
+    if not isinstance(max_len, int) or not 1 <= max_len <= cfg.max_seq_len:
+      raise ValueError(f"init_cache: max_len must be an int in [1, max_seq_len={cfg.max_seq_len}], got {max_len!r}")
+    return kv_cache.init_cache(n_layers=cfg.n_layers, batch=batch, max_len=max_len, n_kv_heads=cfg.n_kv_heads,
+                               head_dim=cfg.head_dim, kind=kind)
+
+  def decode(self, tokens_bt: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Continues the sequences in `cache`: tokens (B, T) at absolute positions cache.pos .. cache.pos + T - 1.
+
+    A prompt into an empty cache is the prefill; then one token per call. Returns float32 logits (B, T, V) and
+    the cache with the tokens' K/V written and `pos` advanced by T. The caller keeps `pos + T <= cache.max_len`
+    (not checkable under jit). Same weights and function as `__call__`: only the attention reads K/V from the
+    cache, stored in its kind, which `ModelConfig.kv_quant` reproduces in the full forward.
+    """
+    T = tokens_bt.shape[1]
+    if T > cache.max_len:
+      raise ValueError(f"decode: {T} tokens do not fit a KV cache of max_len={cache.max_len}")
+    x = self._embed(tokens_bt)                                                      # (B, T, D)
+    positions = cache.pos + jnp.arange(T, dtype=jnp.int32)                          # (T,) absolute
+    residual = (BATCH, LENGTH, "act_embed")
+    layers = []
+    for block, layer in zip(self.blocks, cache.layers):
+      x, layer = block(logical_constraint(x, residual), positions, layer)
+      layers.append(layer)
+    return self._logits(x), cache.replace(layers=tuple(layers), pos=cache.pos + T)
+
+  def _embed(self, tokens_bt: jax.Array) -> jax.Array:
+    # Under FSDP the table is gathered along d_model before the lookup (its gradient is then reduce-scattered),
+    # so the looked-up rows come out whole per token rather than split over the FSDP devices.
+    table = logical_constraint(self.embed[...], ("vocab", None))
+    return jnp.take(table, tokens_bt, axis=0).astype(self.cfg.compute_dtype)   # (B, T, D)
+
+  def _logits(self, x_btd: jax.Array) -> jax.Array:
+    x = self.final_norm(x_btd)
     head = self.embed[...].T if self.head is None else self.head[...]               # (D, V)
-    logits = jnp.einsum("btd,dv->btv", x, head.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
+    logits = jnp.einsum("btd,dv->btv", x, head.astype(self.cfg.compute_dtype), preferred_element_type=jnp.float32)
     return logical_constraint(logits, (BATCH, LENGTH, "act_vocab"))
 
 

@@ -34,7 +34,6 @@ from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
 from bitnet_jax import data, optim, sharding
-from bitnet_jax.generate import greedy
 from bitnet_jax.layers import BitLinear
 from bitnet_jax.model import ModelConfig, Transformer, count_params
 
@@ -264,10 +263,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         "params": count_params(model_cfg), "weight_memory": weight_memory(model), "data": corpus.summary(),
         "mesh": dict(mesh.shape), "processes": jax.process_count(),
     }
-  if t.sample_tokens:   # one sequence: outside the mesh context, whose batch axis it could not fill
-    prompt = tokenizer.encode("def ")
-    out = greedy(model, jnp.asarray(prompt)[None], t.sample_tokens)
-    summary["sample"] = tokenizer.decode(np.asarray(out[0]))
   if main_process:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
   return summary

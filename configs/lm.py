@@ -103,7 +103,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.log_every = 10           # metrics.jsonl / progress bar cadence
   config.train.seed = 0                 # model init and data order
   config.train.async_checkpoint = True  # orbax writes in the background; a killed run keeps the last complete one
-  config.train.sample_tokens = 0        # >0: print a greedy sample of this length at the end
 
   if arg.smoke:   # same code path, tiny sizes
     config.train.steps = 20

@@ -1,0 +1,109 @@
+"""Decoding speed with a KV cache, b158 against fp, random weights: tokens/s at batch 1 and 16.
+
+    python benchmarks/decode.py                        # small config (CPU default, under ~2 min on 2 cores)
+    python benchmarks/decode.py --device-config 3b     # the b1.58 FAQ's 3B config (b158-3b vs llama-3b), GPU
+
+Each timed call is one `generate.generate` (greedy, bfloat16 KV cache): a prefill of `--prompt` tokens, then
+`--new-tokens` single-token decode steps in a `lax.fori_loop`. tokens/s = batch * new tokens / median call time
+(prefill included), ms/step = median call time / new tokens (one step gives one token per sequence; at batch 1
+this is the b1.58 paper's Table 1 latency, "ms per output token", which it measured with 2-bit weight kernels).
+
+Models are put in their inference form once before timing (`generate.inference_form`: weights quantised once,
+stored in the compute dtype), so b158 decodes from de-quantised ternary weights at the fp model's bytes per
+weight: this measures the cost of b158's per-token activation quantisation and extra norms in this code path,
+not the memory saving of 2-bit weights, which needs the packed kernel (`bitnet_jax.kernels.ternary_matmul`,
+`benchmarks/matvec.py`). Every (variant, batch) is timed round-robin after a warm-up call each, so drifting load
+on a shared machine hits all alike (3B: both models in bfloat16 inference form, about 15 GB together).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # run from a checkout
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from bitnet_jax import generate  # noqa: E402
+from bitnet_jax.model import ModelConfig, Transformer, count_params, preset  # noqa: E402
+
+# name: {variant: ModelConfig overrides}; the small one is sized for a 2-core CPU.
+CONFIGS = {
+    "small": {v: dict(variant=v, vocab_size=259, d_model=512, n_layers=6, n_heads=8, max_seq_len=256)
+              for v in ("fp", "b158")},
+    "3b": {"fp": "llama-3b", "b158": "b158-3b"},   # b1.58 FAQ Table 1: hidden 3200, GLU 8640, 32 heads, 26 layers
+}
+
+
+def make_model(spec, dtype: str | None, **overrides) -> Transformer:
+  """A random-weight model in its inference form, created inside one jit (each device makes its own weights)."""
+  cfg = preset(spec, dtype=dtype, **overrides) if isinstance(spec, str) else ModelConfig(**spec, dtype=dtype,
+                                                                                          **overrides)
+  model = nnx.jit(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))()
+  return generate.inference_form(model)
+
+
+def median_times(fns: dict, repeats: int) -> dict:
+  for fn in fns.values():   # warm-up: compilation
+    fn()
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t0)
+  return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--device-config", default=None, choices=tuple(CONFIGS),
+                      help="model size (default: 3b on an accelerator, small on CPU)")
+  parser.add_argument("--batches", default="1,16")
+  parser.add_argument("--prompt", type=int, default=16, help="prompt tokens")
+  parser.add_argument("--new-tokens", type=int, default=None, help="default: 64 (small), 128 (3b)")
+  parser.add_argument("--repeats", type=int, default=None, help="default: 5 (small), 10 (3b)")
+  parser.add_argument("--kv-cache", default="bfloat16")
+  parser.add_argument("--layers", type=int, default=None, help="override the config's depth (a quick check)")
+  args = parser.parse_args(argv)
+  accelerator = jax.default_backend() != "cpu"
+  name = args.device_config or ("3b" if accelerator else "small")
+  new_tokens = args.new_tokens or (128 if name == "3b" else 64)
+  repeats = args.repeats or (10 if name == "3b" else 5)
+  dtype = None   # bfloat16 on accelerators, float32 on CPU (ModelConfig.compute_dtype)
+  batches = [int(b) for b in args.batches.split(",")]
+
+  params, fns = {}, {}
+  for variant, spec in CONFIGS[name].items():   # the latent float32 weights are freed after the conversion
+    model = make_model(spec, dtype, **({"n_layers": args.layers} if args.layers else {}))
+    params[variant] = count_params(model.cfg)["total"]
+    for b in batches:
+      prompt = jax.random.randint(jax.random.key(b), (b, args.prompt), 0, model.cfg.vocab_size, jnp.int32)
+      fns[variant, b] = (lambda m=model, p=prompt: jax.block_until_ready(
+          generate.generate(m, p, new_tokens, kv_dtype=args.kv_cache)))
+  results = median_times(fns, repeats)
+
+  depth = f" with {args.layers} layers" if args.layers else ""
+  sizes = ", ".join(f"{v} {params[v] / 1e6:.1f}M params" for v in params)
+  print(f"device: {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}), jax "
+        f"{jax.__version__}; config {name}{depth} ({sizes}); "
+        f"prompt {args.prompt}, {new_tokens} new tokens, {args.kv_cache} KV cache, greedy; median of {repeats} "
+        f"calls after compilation, prefill included\n")
+  print("| batch | fp tokens/s | b158 tokens/s | b158 / fp | fp ms/step | b158 ms/step |")
+  print("|---|---|---|---|---|---|")
+  for b in batches:
+    fp, b158 = results["fp", b], results["b158", b]
+    print(f"| {b} | {b * new_tokens / fp:.0f} | {b * new_tokens / b158:.0f} | {fp / b158:.2f} | "
+          f"{fp / new_tokens * 1e3:.2f} | {b158 / new_tokens * 1e3:.2f} |")
+  return {f"{v}/{b}": t for (v, b), t in results.items()}
+
+
+if __name__ == "__main__":
+  main()
