@@ -137,6 +137,7 @@ class BitLinear(nnx.Module):
     self.act_per_token, self.act_asymmetric = act_per_token, act_asymmetric
     self.groups, self.group_axis, self.fsdp_groups, self.dtype = groups, group_axis, fsdp_groups, dtype
     self.axes = tuple(axes)
+    self.integer = False   # inference: int8 x int8 -> int32 matmul (`use_integer_matmul`)
     in_groups = groups if group_axis == "in" else 1
     self.norm = (Norm(in_features, kind=norm, eps=norm_eps, use_scale=norm_scale, groups=in_groups,
                       axis_name=axes[0], param_dtype=param_dtype) if norm else None)
@@ -174,11 +175,34 @@ class BitLinear(nnx.Module):
     x = x.astype(self.dtype)
     if self.norm is not None:
       x = self.norm.apply_gain(self.norm.normalize(x) if normalized is None else normalized, self.dtype)
+    act_groups = self.groups if self.group_axis == "in" else 1
+    if self.integer:
+      return self._integer_matmul(x, act_groups)
     if self.act_bits is not None:
-      x = quant.quantize_activations(x, self.act_bits, per_token=self.act_per_token,
-                                     groups=self.groups if self.group_axis == "in" else 1,
+      x = quant.quantize_activations(x, self.act_bits, per_token=self.act_per_token, groups=act_groups,
                                      asymmetric=self.act_asymmetric)
     return jnp.einsum("...i,io->...o", x, self.quantized_kernel().astype(self.dtype))
+
+  def _integer_matmul(self, x: jax.Array, act_groups: int) -> jax.Array:
+    """The deployed form (b1.58 FAQ inference BitLinear): int8 activation codes times the int8 weight codes with
+    int32 accumulation, then one float32 rescale. Equal to the fake-quantised forward up to float32 rounding."""
+    if self.weight_quant == "none" or self.act_bits is None or self.act_asymmetric:
+      raise ValueError("BitLinear integer matmul needs quantised weights and symmetric quantised activations "
+                       f"(weight_quant={self.weight_quant!r}, act_bits={self.act_bits!r}, "
+                       f"act_asymmetric={self.act_asymmetric})")
+    x_codes, x_scale = quant.activation_codes(x, self.act_bits, per_token=self.act_per_token, groups=act_groups)
+    w_codes, w_scale = WEIGHT_CODES[self.weight_quant](self.kernel[...], groups=self.weight_groups)
+    return quant.int_matmul(x_codes, x_scale, w_codes, w_scale).astype(self.dtype)
+
+
+def use_integer_matmul(module: nnx.Module, on: bool = True) -> int:
+  """Switches every quantised BitLinear in `module` to (or back from) the integer matmul; returns how many."""
+  n = 0
+  for _, layer in nnx.iter_graph(module):
+    if isinstance(layer, BitLinear) and layer.weight_quant != "none" and layer.act_bits is not None \
+        and not layer.act_asymmetric:
+      layer.integer, n = bool(on), n + 1
+  return n
 
 
 def _gathered_fake_quant_fn(w: jax.Array, *, kind: str, groups: tuple[int, int], axes, gathered) -> jax.Array:

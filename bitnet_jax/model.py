@@ -100,6 +100,7 @@ class ModelConfig:
   dtype: str | None = None             # compute dtype; None: bfloat16 on accelerators, float32 on CPU (at build)
   param_dtype: str = "float32"         # latent weights (always float32 in the papers' recipes)
   remat: str = "none"                  # none | dots | full: rematerialise each block in the backward pass
+  scan_layers: bool = False            # run the blocks as one lax.scan (compile time independent of depth)
   # Round K and V in the full forward as a KV cache of this kind stores them (none | bfloat16 | int8 | int4;
   # `kv_cache.fake_quant`): the teacher-forced loss of decoding with a quantised cache. "none" changes nothing.
   kv_quant: str = "none"
@@ -381,9 +382,24 @@ class Transformer(nnx.Module):
     x = self._embed(tokens_bt)                                                      # (B, T, D)
     positions = jnp.arange(T)                                                       # (T,)
     residual = (BATCH, LENGTH, "act_embed")
+    if cfg.scan_layers:
+      return self._logits(self._scan_blocks(x, positions))
     for block in self.blocks:
       x = logical_constraint(_run_block(block, logical_constraint(x, residual), positions, cfg.remat), residual)
     return self._logits(x)
+
+  def _scan_blocks(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    """The blocks as one `lax.scan` over their stacked parameters: the compiled program holds one block body,
+    so compile time no longer grows with depth. Parameters stay stored per layer (checkpoints, interop and
+    packing see the same tree); the stack is built inside the step, a transient copy of the block weights."""
+    residual = (BATCH, LENGTH, "act_embed")
+    graphdef = nnx.graphdef(self.blocks[0])
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[nnx.state(b) for b in self.blocks])
+
+    def body(h, state):
+      h = _run_block(nnx.merge(graphdef, state), logical_constraint(h, residual), positions, self.cfg.remat)
+      return logical_constraint(h, residual), None
+    return jax.lax.scan(body, x, stacked)[0]
 
   def init_cache(self, batch: int, max_len: int | None = None, kind: str = "bfloat16") -> KVCache:
     """An empty KV cache for `batch` sequences of up to `max_len` (default max_seq_len) positions; `kind` is

@@ -203,14 +203,13 @@ def pack(codes: jax.Array, fmt: str = "2bit", axis: int = -1) -> PackedTensor:
 # --------------------------------------------------------------------------------------------------------------
 # A model's weights for inference.
 # --------------------------------------------------------------------------------------------------------------
-def expand_blocks(scale: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """A block-grid scale (same rank as `shape`, G_d blocks along dimension d) repeated over its blocks."""
-  scale = jnp.asarray(scale)
-  if scale.ndim != len(shape) or any(n % g for n, g in zip(shape, scale.shape)):
-    raise ValueError(f"a scale grid of shape {scale.shape} does not tile a tensor of shape {shape}")
-  for d, (n, g) in enumerate(zip(shape, scale.shape)):
-    scale = jnp.repeat(scale, n // g, axis=d)
-  return scale
+# The block-grid helpers and the integer matmul live in `quant` (layers use them); re-exported here.
+expand_blocks = quant.expand_group_scale
+int_matmul = quant.int_matmul
+weight_scale_grid = quant.weight_scale_grid
+k_partitions = quant.k_partitions
+rescale_group_sums = quant.rescale_group_sums
+activation_scale_gm1 = quant.activation_scale_gm1
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["codes", "scale"], meta_fields=["weight_quant"])
@@ -331,83 +330,3 @@ def inference_weight_bytes(cfg: ModelConfig, fmt: str = "base3", embed_bits: int
   dense_bytes = sizes["dense_params"] * embed_bits / 8
   total = sizes["code_bytes"] + sizes["scale_bytes"] + dense_bytes
   return {**sizes, "dense_bytes": dense_bytes, "total_bytes": total, "params": params, "fp16_bytes": 2 * params}
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The integer matmul of the inference BitLinear.
-# --------------------------------------------------------------------------------------------------------------
-def weight_scale_grid(w_scale: jax.Array) -> jax.Array:
-  """A weight scale as the float32 (G_in, G_out) grid `quant.*_codes` return; a scalar is the grid (1, 1)."""
-  w_scale = jnp.asarray(w_scale, jnp.float32)
-  if w_scale.ndim == 0:
-    return w_scale.reshape(1, 1)
-  if w_scale.ndim != 2:
-    raise ValueError(f"w_scale must be a (G_in, G_out) grid as quant.ternary_codes returns, got shape "
-                     f"{w_scale.shape}")
-  return w_scale
-
-
-def k_partitions(x_groups: int, w_scale_grid: jax.Array, k: int) -> int:
-  """How many input-axis partitions must be summed separately: every activation group (Gx) and every weight
-  row group (G_in) has its own scale, so the sums are split at both boundaries: lcm(Gx, G_in) parts."""
-  parts = math.lcm(x_groups, w_scale_grid.shape[0])
-  if k % parts:
-    raise ValueError(f"activation groups ({x_groups}) and weight row groups ({w_scale_grid.shape[0]}) split the "
-                     f"input size {k} into {parts} parts, which does not divide it")
-  return parts
-
-
-def rescale_group_sums(acc_pmn: jax.Array, x_scale_gm1: jax.Array, w_scale_grid: jax.Array) -> jax.Array:
-  """`sum_p acc[p] * x_scale[p] * w_scale[p]`: one float32 rescale of integer (or float) partial sums.
-
-  acc_pmn (P, M, N): the products summed within each of P equal input-axis partitions (`k_partitions`);
-  x_scale_gm1 (Gx, M, 1) with Gx dividing P; w_scale_grid (G_in, G_out) with G_in dividing P and G_out N.
-  """
-  p, _, n = acc_pmn.shape
-  xs = jnp.repeat(x_scale_gm1.astype(jnp.float32), p // x_scale_gm1.shape[0], axis=0)          # (P, M, 1)
-  ws = expand_blocks(w_scale_grid, (w_scale_grid.shape[0], n))                                # (G_in, N)
-  ws = jnp.repeat(ws, p // w_scale_grid.shape[0], axis=0)[:, None, :]                         # (P, 1, N)
-  return jnp.sum(acc_pmn.astype(jnp.float32) * xs * ws, axis=0)                                # (M, N)
-
-
-def activation_scale_gm1(x_scale: jax.Array | None, lead: tuple[int, ...]) -> jax.Array:
-  """x_scale (None, a scalar, lead + (Gx,) or broadcastable to it) -> (Gx, M, 1) for `rescale_group_sums`."""
-  m = math.prod(lead)
-  if x_scale is None:
-    return jnp.ones((1, m, 1), jnp.float32)
-  xs = jnp.asarray(x_scale, jnp.float32)
-  xs = xs.reshape((1,) * (len(lead) + 1)) if xs.ndim == 0 else xs
-  return jnp.broadcast_to(xs, lead + (xs.shape[-1],)).reshape(m, -1).T[..., None]
-
-
-def int_matmul(x_codes: jax.Array, x_scale: jax.Array, w_codes: jax.Array, w_scale: jax.Array) -> jax.Array:
-  """int8 activation codes [..., K] times int8 weight codes [K, N] -> float32 [..., N], with integer sums.
-
-  The b1.58 FAQ inference BitLinear `y = lowbit_gemm(x_q, w_q) / w_scale / x_scale`, with the scales here as
-  the multipliers `quant.activation_codes` / `quant.ternary_codes` (or `binary_codes`) return: the products
-  accumulate exactly in int32 (`lax.dot_general(..., preferred_element_type=int32)`), then one float32 rescale.
-  * x_scale: x.shape[:-1] + (Gx,) per token, (1, ..., 1, Gx) per tensor, or a scalar; Gx activation groups
-    along K (BitNet section 2.3).
-  * w_scale: the (G_in, G_out) grid. With groups along the output axis only, (1, G): one int32 sum per output,
-    then one rescale by its column group's scale.
-  * Groups along the input axis, (G, 1) (row-parallel layers; also activation groups Gx > 1): the scale
-    changes along the summed axis, so one rescale after the sum is not possible. The products are summed per
-    input group (a batched dot_general, (G, M, N) int32), each group sum is rescaled, then the groups are
-    added: `y = sum_g acc_g * x_scale_g * w_scale_g`.
-  """
-  x_codes, w_codes = jnp.asarray(x_codes), jnp.asarray(w_codes)
-  for name, a in (("x_codes", x_codes), ("w_codes", w_codes)):
-    if a.dtype != jnp.int8:
-      raise ValueError(f"int_matmul: {name} must be int8, got dtype {a.dtype}")
-  if w_codes.ndim != 2 or x_codes.ndim < 1 or x_codes.shape[-1] != w_codes.shape[0]:
-    raise ValueError(f"int_matmul: shapes x_codes {x_codes.shape} and w_codes {w_codes.shape} do not contract")
-  *lead, k = x_codes.shape
-  lead, n = tuple(lead), w_codes.shape[1]
-  m = math.prod(lead)
-  xs = activation_scale_gm1(x_scale, lead)                                 # (Gx, M, 1)
-  ws = weight_scale_grid(w_scale)                                          # (G_in, G_out)
-  parts = k_partitions(xs.shape[0], ws, k)
-  x3 = x_codes.reshape(m, parts, k // parts).transpose(1, 0, 2)            # (P, M, K/P)
-  w3 = w_codes.reshape(parts, k // parts, n)                               # (P, K/P, N)
-  acc = jax.lax.dot_general(x3, w3, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.int32)  # (P, M, N)
-  return rescale_group_sums(acc, xs, ws).reshape(lead + (n,))

@@ -360,12 +360,14 @@ def dry_run(config: ml_collections.ConfigDict) -> dict:
                    for key in ("argument_size", "output_size", "temp_size", "alias_size",
                                "generated_code_size")} if mem is not None else {},
       "collectives": stats["counts"], "collective_bytes": {k: int(v) for k, v in stats["bytes"].items()},
+      "collective_bytes_by_dtype": {op: {dt: int(b) for dt, b in d.items()}
+                                    for op, d in stats["bytes_by_dtype"].items() if d},
       "compile_s": time.perf_counter() - t0,
   }
 
 
 def format_dry_run(report: dict) -> str:
-  gb = lambda b: f"{b / 2**30:.3f} GiB"
+  gb = lambda b: f"{b / 2**30:.3f} GiB" if b >= 2**30 else f"{b / 2**20:.2f} MiB"
   c = report["compiled"]
   lines = [f"dry run: {report['name']} on mesh {report['mesh']} ({report['devices']} devices), quantisation "
            f"groups {report['groups']} x fsdp {report['fsdp_groups']}, {report['params']['total']:,} parameters "
@@ -376,8 +378,9 @@ def format_dry_run(report: dict) -> str:
            f"outputs {gb(c.get('output_size', 0))}, temporaries {gb(c.get('temp_size', 0))}, aliased "
            f"{gb(c.get('alias_size', 0))}",
            "  collectives per step: " + ", ".join(
-               f"{op} {n} ({report['collective_bytes'][op] / 2**20:.1f} MiB)"
-               for op, n in report["collectives"].items() if n)]
+               f"{op} {n} ({report['collective_bytes'][op] / 2**20:.2f} MiB: " + ", ".join(
+                   f"{dt} {b / 2**20:.2f}" for dt, b in report["collective_bytes_by_dtype"].get(op, {}).items())
+               + ")" for op, n in report["collectives"].items() if n)]
   return "\n".join(lines)
 
 

@@ -112,3 +112,43 @@ def test_grouped_norm_normalises_each_group():
 def test_bad_bitlinear_arguments_raise(kwargs, match):
   with pytest.raises(ValueError, match=match):
     BitLinear(16, 24, rngs=nnx.Rngs(0), **kwargs)
+
+
+# ---------------------------------------------------------------- the integer (deployed) matmul
+@pytest.mark.parametrize("kwargs", [
+    dict(weight_quant="ternary"),
+    dict(weight_quant="binary", act_per_token=False),
+    dict(weight_quant="ternary", groups=4, group_axis="out", fsdp_groups=2),
+    dict(weight_quant="ternary", groups=4, group_axis="in", norm="rms"),
+])
+def test_integer_matmul_equals_the_fake_quantised_layer(kwargs):
+  layer = BitLinear(64, 32, rngs=nnx.Rngs(3), **kwargs)
+  x = jax.random.normal(jax.random.key(4), (3, 5, 64)) * 2.0
+  fake = layer(x)
+  layer.integer = True
+  got = layer(x)
+  rel = float(jnp.max(jnp.abs(got - fake)) / jnp.max(jnp.abs(fake)))
+  assert rel < 2e-6, rel   # int32 sums then one rescale vs float32 sums of de-quantised values
+
+
+def test_integer_model_matches_the_training_forward():
+  from bitnet_jax.layers import use_integer_matmul
+  from bitnet_jax.model import ModelConfig, Transformer
+  cfg = ModelConfig(variant="b158", vocab_size=264, d_model=64, n_layers=2, n_heads=4, max_seq_len=64)
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(1), (4, 32), 0, 264)
+  fake = model(tokens)
+  assert use_integer_matmul(model) == 7 * cfg.n_layers
+  got = model(tokens)
+  rel = float(jnp.max(jnp.abs(got - fake)) / jnp.max(jnp.abs(fake)))
+  print(f"integer vs fake-quantised forward: max |logit diff| / max |logit| = {rel:.2e}")
+  assert rel < 1e-5 and bool(jnp.all(jnp.argmax(got, -1) == jnp.argmax(fake, -1)))
+  assert use_integer_matmul(model, on=False) == 7 * cfg.n_layers
+  np.testing.assert_array_equal(np.asarray(model(tokens)), np.asarray(fake))
+
+
+def test_integer_matmul_refuses_an_unquantised_layer():
+  layer = BitLinear(16, 8, weight_quant="none", act_bits=None, rngs=nnx.Rngs(0))
+  layer.integer = True
+  with pytest.raises(ValueError, match="integer matmul needs quantised weights"):
+    layer(jnp.ones((2, 16)))

@@ -114,16 +114,20 @@ def test_distributed_config_is_checked_and_single_process_is_a_no_op(monkeypatch
     sharding.initialize_distributed({"coordinator_address": "127.0.0.1:1", "num_processes": 2, "process_id": 2})
 
 
-def test_remat_changes_memory_not_values():
+def test_remat_and_layer_scan_change_memory_and_compile_time_not_values():
   tokens = jax.random.randint(jax.random.key(0), (2, 17), 0, 264)
   out = {}
-  for remat in ("none", "dots", "full"):
-    model = Transformer(ModelConfig(variant="b158", remat=remat, **TINY), rngs=nnx.Rngs(0))
-    loss, grads = nnx.jit(nnx.value_and_grad(train.loss_fn))(model, tokens)
-    out[remat] = (float(loss), jax.tree.leaves(nnx.to_pure_dict(grads)))
-  for remat in ("dots", "full"):
-    assert out[remat][0] == pytest.approx(out["none"][0], rel=1e-6)
-    for a, b in zip(out[remat][1], out["none"][1]):
+  for remat, scan in (("none", False), ("dots", False), ("full", False), ("none", True), ("full", True)):
+    model = Transformer(ModelConfig(variant="b158", remat=remat, scan_layers=scan, **TINY), rngs=nnx.Rngs(0))
+    step = nnx.jit(nnx.value_and_grad(train.loss_fn))
+    loss, grads = step(model, tokens)
+    out[remat, scan] = (float(loss), jax.tree.leaves(nnx.to_pure_dict(grads)))
+    if scan:   # one block body in the compiled program, inside a while loop
+      hlo = step.lower(model, tokens).as_text()
+      assert "while" in hlo
+  for key in (("dots", False), ("full", False), ("none", True), ("full", True)):
+    assert out[key][0] == pytest.approx(out["none", False][0], rel=1e-6)
+    for a, b in zip(out[key][1], out["none", False][1]):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
   with pytest.raises(ValueError, match=r"remat must be one of"):
     ModelConfig(variant="b158", remat="some", **TINY)
