@@ -157,9 +157,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   tokenizer = data.make_tokenizer(config.data.get("tokenizer", "byte"))   # the checks need its vocabulary
   _check_config(config, model_cfg, tokenizer, sharding.data_parallel_size(mesh, rules))
   _check_resume_groups(workdir, model_cfg)
-  t = config.train
   config = config.copy_and_resolve_references()
   config.model.groups, config.model.fsdp_groups = model_cfg.groups, model_cfg.fsdp_groups   # as trained
+  t = config.train
   if main_process:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -178,7 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     # -------------------------------------------------------------- 3. model and optimiser, sharded at creation
-    model, optimizer = _create(model_cfg, config.optim, t.steps, t.seed)
+    model, optimizer = nnx.jit(_model_and_optimizer(model_cfg, config.optim, t.steps, t.seed))()
 
     # -------------------------------------------------------------- 4. restore
     manager = ocp.CheckpointManager(
@@ -268,14 +268,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   return summary
 
 
-def _create(model_cfg: ModelConfig, optim_cfg, steps: int, seed: int):
-  """Model and optimiser created inside one jit under the active mesh: each device materialises only its
-  shards (no host ever holds a whole parameter), and the values equal an unsharded creation with the same seed."""
-  @nnx.jit
+def _model_and_optimizer(model_cfg: ModelConfig, optim_cfg, steps: int, seed: int = 0):
+  """A function building (model, optimiser): run it under `nnx.jit` to create them sharded (each device
+  materialises only its shards, no host holds a whole parameter) or under `nnx.eval_shape` for abstract state."""
   def create():
     model = Transformer(model_cfg, rngs=nnx.Rngs(seed))
     return model, nnx.Optimizer(model, optim.make_optimizer(optim_cfg, steps), wrt=nnx.Param)
-  return create()
+  return create
 
 
 def load_checkpoint(workdir: str | os.PathLike, config: ml_collections.ConfigDict | None = None, *,
@@ -299,10 +298,7 @@ def load_checkpoint(workdir: str | os.PathLike, config: ml_collections.ConfigDic
                               f"(steps there: {list(manager.all_steps())})")
     mesh, rules, model_cfg = setup_mesh(config)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-      def create():
-        model = Transformer(model_cfg, rngs=nnx.Rngs(0))
-        return model, nnx.Optimizer(model, optim.make_optimizer(config.optim, config.train.steps), wrt=nnx.Param)
-      model, optimizer = nnx.eval_shape(create)
+      model, optimizer = nnx.eval_shape(_model_and_optimizer(model_cfg, config.optim, config.train.steps))
       concrete = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                 sharding=jax.sharding.NamedSharding(mesh, x.sharding.spec))
       abstract = {name: jax.tree.map(concrete, nnx.to_pure_dict(nnx.state(m)))
@@ -326,10 +322,7 @@ def lower_train_step(config: ml_collections.ConfigDict):
   mesh, rules, model_cfg = setup_mesh(config)
   t = config.train
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    def create():
-      model = Transformer(model_cfg, rngs=nnx.Rngs(0))
-      return model, nnx.Optimizer(model, optim.make_optimizer(config.optim, t.steps), wrt=nnx.Param)
-    model, optimizer = nnx.eval_shape(create)
+    model, optimizer = nnx.eval_shape(_model_and_optimizer(model_cfg, config.optim, t.steps))
     batch = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + 1), jnp.int32,
                                  sharding=sharding.batch_sharding(mesh, rules))
     lowered = train_step.lower(model, optimizer, batch)
