@@ -8,12 +8,13 @@ Each timed call is one `generate.generate` (greedy, bfloat16 KV cache): a prefil
 (prefill included), ms/step = median call time / new tokens (one step gives one token per sequence; at batch 1
 this is the b1.58 paper's Table 1 latency, "ms per output token", which it measured with 2-bit weight kernels).
 
-Models are put in their inference form once before timing (`generate.inference_form`: weights quantised once,
-stored in the compute dtype), so b158 decodes from de-quantised ternary weights at the fp model's bytes per
-weight: this measures the cost of b158's per-token activation quantisation and extra norms in this code path,
-not the memory saving of 2-bit weights, which needs the packed kernel (`bitnet_jax.kernels.ternary_matmul`,
-`benchmarks/matvec.py`). Every (variant, batch) is timed round-robin after a warm-up call each, so drifting load
-on a shared machine hits all alike (3B: both models in bfloat16 inference form, about 15 GB together).
+Models are put in their inference forms once before timing (`generate.inference_form`), and b158 is timed in
+both: "dense" (weights quantised once and stored de-quantised in the compute dtype, the fp model's bytes per
+weight: the cost of b158's activation quantisation and extra norms alone) and "packed" (2-bit codes and int8
+activations through `kernels.matmul`: the Pallas kernel on GPU/TPU, the XLA unpack-then-dot on CPU), the
+deployed form the b1.58 paper's latency figures assume. Every (model, batch) is timed round-robin after a
+warm-up call each, so drifting load on a shared machine hits all alike (3B: fp and b158 dense in bfloat16,
+about 13 GB, and b158 packed, about 1.5 GB with its 16-bit embeddings).
 """
 
 from __future__ import annotations
@@ -42,12 +43,13 @@ CONFIGS = {
 }
 
 
-def make_model(spec, dtype: str | None, **overrides) -> Transformer:
-  """A random-weight model in its inference form, created inside one jit (each device makes its own weights)."""
+def make_models(spec, dtype: str | None, forms: tuple[str, ...], **overrides) -> dict[str, Transformer]:
+  """A random-weight model (created inside one jit) in each inference form of `forms`; the latent float32
+  weights are dropped once the forms are made."""
   cfg = preset(spec, dtype=dtype, **overrides) if isinstance(spec, str) else ModelConfig(**spec, dtype=dtype,
                                                                                           **overrides)
   model = nnx.jit(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))()
-  return generate.inference_form(model)
+  return {form: generate.inference_form(model, form) for form in forms}
 
 
 def median_times(fns: dict, repeats: int) -> dict:
@@ -80,14 +82,17 @@ def main(argv: list[str] | None = None) -> dict:
   dtype = None   # bfloat16 on accelerators, float32 on CPU (ModelConfig.compute_dtype)
   batches = [int(b) for b in args.batches.split(",")]
 
-  params, fns = {}, {}
-  for variant, spec in CONFIGS[name].items():   # the latent float32 weights are freed after the conversion
-    model = make_model(spec, dtype, **({"n_layers": args.layers} if args.layers else {}))
-    params[variant] = count_params(model.cfg)["total"]
-    for b in batches:
-      prompt = jax.random.randint(jax.random.key(b), (b, args.prompt), 0, model.cfg.vocab_size, jnp.int32)
-      fns[variant, b] = (lambda m=model, p=prompt: jax.block_until_ready(
-          generate.generate(m, p, new_tokens, kv_dtype=args.kv_cache)))
+  params, fns, tokens = {}, {}, {}
+  for variant, spec in CONFIGS[name].items():
+    forms = ("dense",) if variant == "fp" else ("dense", "packed")
+    for form, model in make_models(spec, dtype, forms, **({"n_layers": args.layers} if args.layers else {})).items():
+      params[variant] = count_params(model.cfg)["total"]
+      for b in batches:
+        prompt = jax.random.randint(jax.random.key(b), (b, args.prompt), 0, model.cfg.vocab_size, jnp.int32)
+        fns[f"{variant} {form}", b] = (lambda m=model, p=prompt: jax.block_until_ready(
+            generate.generate(m, p, new_tokens, kv_dtype=args.kv_cache)))
+        if b == batches[0]:   # the packed and dense b158 forms must decode the same tokens (greedy)
+          tokens[f"{variant} {form}"] = fns[f"{variant} {form}", b]()
   results = median_times(fns, repeats)
 
   depth = f" with {args.layers} layers" if args.layers else ""
@@ -96,12 +101,16 @@ def main(argv: list[str] | None = None) -> dict:
         f"{jax.__version__}; config {name}{depth} ({sizes}); "
         f"prompt {args.prompt}, {new_tokens} new tokens, {args.kv_cache} KV cache, greedy; median of {repeats} "
         f"calls after compilation, prefill included\n")
-  print("| batch | fp tokens/s | b158 tokens/s | b158 / fp | fp ms/step | b158 ms/step |")
-  print("|---|---|---|---|---|---|")
+  print("| batch | model | tokens/s | ms/step | speedup vs fp |")
+  print("|---|---|---|---|---|")
   for b in batches:
-    fp, b158 = results["fp", b], results["b158", b]
-    print(f"| {b} | {b * new_tokens / fp:.0f} | {b * new_tokens / b158:.0f} | {fp / b158:.2f} | "
-          f"{fp / new_tokens * 1e3:.2f} | {b158 / new_tokens * 1e3:.2f} |")
+    for key in ("fp dense", "b158 dense", "b158 packed"):
+      t = results[key, b]
+      print(f"| {b} | {key} | {b * new_tokens / t:.0f} | {t / new_tokens * 1e3:.2f} | "
+            f"{results['fp dense', b] / t:.2f}x |")
+  agree = float(jnp.mean(tokens["b158 dense"] == tokens["b158 packed"]))
+  print(f"\n# b158 packed vs dense, batch {batches[0]}: {agree:.1%} of greedy tokens equal (random weights; "
+        f"int8 x 2-bit integer sums against the de-quantised float dot, equal up to float32 rounding)")
   return {f"{v}/{b}": t for (v, b), t in results.items()}
 
 

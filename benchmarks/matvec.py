@@ -2,6 +2,7 @@
 
     python benchmarks/matvec.py                 # GPU: 4096x11008, 11008x4096, 8192x28672 at batch 1 and 16
     python benchmarks/matvec.py --small         # tiny shapes, XLA paths only (automatic on CPU)
+    python benchmarks/matvec.py --sweep         # GPU: also time a grid of kernel block sizes per shape and batch
 
 The b1.58 paper's latency and memory figures (Table 1, PAPERS.md section 2) were measured with weights stored in
 2 bits; decoding is memory bound, so the figure of merit is how fast the weights stream from memory. Each timed
@@ -24,7 +25,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from bitnet_jax import packing
+from bitnet_jax import packing, quant
 from bitnet_jax.kernels.ternary_matmul import ACCELERATORS, reference_matmul, ternary_matmul
 
 FULL_SHAPES = ((4096, 11008), (11008, 4096), (8192, 28672))   # [K, N]: LLaMA-7B FFN up/down, a 70B-class FFN
@@ -72,6 +73,33 @@ def round_robin_medians(fns: dict, repeats: int, warmup: int = 2) -> dict[str, f
   return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def _int8_matmul(x, w, n, kernel_options):
+  """The deployed b1.58 path: per-token int8 activation codes (quant.activation_codes) into the kernel."""
+  codes, x_scale = quant.activation_codes(x)
+  return ternary_matmul(codes, w[0], w[1], n_out=n, x_scale=x_scale, **kernel_options)
+
+
+SWEEP = [dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+         for bn in (32, 64, 128) for bk in (128, 256) for warps, stages in ((4, 2), (8, 3), (8, 4))]
+SWEEP_GEMV = [dict(gemv=True, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)   # batch 1 only
+              for bn in (64, 128, 256) for bk in (16, 32, 64) for warps, stages in ((4, 2), (8, 3))]
+
+
+def sweep(x, packed_w, n, repeats, base_per_layer):
+  """Per-layer median time of the kernel for each option set in SWEEP (the XLA bf16 time passed in as base)."""
+  rows = [(None, base_per_layer, base_per_layer)]
+  layers = len(packed_w)
+  for options in SWEEP + (SWEEP_GEMV if x.shape[0] == 1 else []):
+    try:
+      fn = stacked(lambda x, w, o=options: _int8_matmul(x, w, n, o))
+      t = round_robin_medians({"k": lambda: fn(x, packed_w)}, max(repeats // 3, 5), warmup=1)["k"] / layers
+    except Exception as err:   # an option set that does not compile (shared memory, registers) is skipped
+      print(f"# sweep: {options} failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
+      continue
+    rows.append((options, t, base_per_layer))
+  return rows
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -84,6 +112,9 @@ def main(argv=None) -> None:
   parser.add_argument("--block-n", type=int, default=None, help="kernel packed byte columns per tile")
   parser.add_argument("--block-k", type=int, default=None, help="kernel K rows per inner step")
   parser.add_argument("--k-steps", type=int, default=None, help="kernel inner steps per program")
+  parser.add_argument("--num-warps", type=int, default=None, help="Triton warps per program (default 4)")
+  parser.add_argument("--num-stages", type=int, default=None, help="Triton pipeline stages (default 2)")
+  parser.add_argument("--sweep", action="store_true", help="time a grid of kernel options per shape and batch")
   args = parser.parse_args(argv)
   if args.layers < 8:
     parser.error(f"--layers={args.layers}: at least 8 copies are needed to stream weights from HBM")
@@ -94,7 +125,8 @@ def main(argv=None) -> None:
   shapes = args.shapes or (SMALL_SHAPES if small else FULL_SHAPES)
   repeats = args.repeats or (20 if small else 30)
   kernel_options = {k: v for k, v in dict(block_m=args.block_m, block_n=args.block_n, block_k=args.block_k,
-                                          k_steps=args.k_steps).items() if v is not None}
+                                          k_steps=args.k_steps, num_warps=args.num_warps,
+                                          num_stages=args.num_stages).items() if v is not None}
 
   device = jax.devices()[0]
   print(f"# matvec: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
@@ -105,13 +137,15 @@ def main(argv=None) -> None:
   print("| K x N | batch | path | median us / layer | GB/s of weights | speedup vs bf16 |")
   print("|---|---|---|---|---|---|")
 
-  checks = []
+  checks, sweeps = [], []
   for k, n in shapes:
     layers = make_layers(k, n, args.layers)
     bf16_w = [w for w, _, _ in layers]
     packed_w = [(p, s) for _, p, s in layers]
     jax.block_until_ready(layers)
-    weight_bytes = {"XLA bf16": 2 * k * n, "XLA unpack+dot": k * -(-n // 4) + 4, "Pallas 2-bit": k * -(-n // 4) + 4}
+    packed_bytes = k * -(-n // 4) + 4
+    weight_bytes = {"XLA bf16": 2 * k * n, "XLA unpack+dot": packed_bytes, "Pallas 2-bit": packed_bytes,
+                    "Pallas 2-bit int8": packed_bytes, "Pallas 2-bit shift": packed_bytes}
     paths = {
         "XLA bf16": (stacked(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)), bf16_w),
         "XLA unpack+dot": (stacked(lambda x, w: reference_matmul(x, w[0], w[1], n_out=n)), packed_w),
@@ -119,6 +153,9 @@ def main(argv=None) -> None:
     if use_kernel:
       paths["Pallas 2-bit"] = (stacked(lambda x, w: ternary_matmul(x, w[0], w[1], n_out=n, **kernel_options)),
                                packed_w)
+      paths["Pallas 2-bit int8"] = (stacked(lambda x, w: _int8_matmul(x, w, n, kernel_options)), packed_w)
+      paths["Pallas 2-bit shift"] = (stacked(lambda x, w: ternary_matmul(x, w[0], w[1], n_out=n, **{
+          **kernel_options, "decode": "shift"})), packed_w)
     for batch in args.batches:
       x = jax.random.normal(jax.random.key(batch), (batch, k), jnp.bfloat16)
       if use_kernel:   # the timed kernel must also be right
@@ -131,6 +168,8 @@ def main(argv=None) -> None:
         per_layer = t / args.layers
         print(f"| {k}x{n} | {batch} | {name} | {per_layer * 1e6:.1f} | {weight_bytes[name] / per_layer / 1e9:.1f} | "
               f"{base / t:.2f}x |")
+      if args.sweep:
+        sweeps.append(((k, n, batch), sweep(x, packed_w, n, repeats, base / args.layers)))
     del layers, bf16_w, packed_w, paths
 
   if not use_kernel:   # correctness only, on the smallest shape: interpret mode
@@ -140,6 +179,13 @@ def main(argv=None) -> None:
     got = ternary_matmul(x, packed, scale, n_out=n, interpret=True, **kernel_options)
     ref = reference_matmul(x, packed, scale, n_out=n)
     checks.append((k, n, 1, float(jnp.max(jnp.abs(got - ref))), float(jnp.max(jnp.abs(ref)))))
+  for (k, n, batch), rows in sweeps:
+    print(f"\n# sweep {k}x{n} batch {batch} (int8 activations; bf16 XLA: {rows[0][2] * 1e6:.1f} us / layer)")
+    print("| gemv | block_n | block_k | k_steps | warps | stages | us / layer | speedup vs bf16 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for options, t, base in sorted(rows[1:], key=lambda r: r[1])[:12]:
+      print(f"| {options.get('gemv', False)} | {options['block_n']} | {options['block_k']} | {options.get('k_steps', 'auto')} | "
+            f"{options['num_warps']} | {options['num_stages']} | {t * 1e6:.1f} | {base / t:.2f}x |")
   for k, n, batch, err, size in checks:
     mode = "compiled" if use_kernel else "interpret mode"
     print(f"# kernel check ({mode}) {k}x{n} batch {batch}: max |kernel - XLA| = {err:.3g} (max |y| = {size:.3g})")

@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bitnet_jax import kv_cache
-from bitnet_jax.layers import BitLinear
+from bitnet_jax import kernels, kv_cache, packing, quant
+from bitnet_jax.layers import WEIGHT_CODES, BitLinear
 from bitnet_jax.model import Transformer
 
 
@@ -50,20 +50,77 @@ def _is_inference_form(model: Transformer) -> bool:
              for _, m in nnx.iter_graph(model) if isinstance(m, BitLinear))
 
 
-def inference_form(model: Transformer) -> Transformer:
-  """A copy of `model` for decoding: each BitLinear's kernel replaced by the quantised kernel its forward uses, in
-  the compute dtype (`weight_quant="none"` from then on), and activation scales per token. Other parameters are
-  shared with `model`, which is left unchanged. A model already in this form is returned as is, so converting
-  once before many `generate` calls saves the conversion in each."""
+class PackedCodes(nnx.Variable):
+  """Deployed weights of a PackedLinear (2-bit packed codes and their scales): state, not trainable."""
+
+
+def _packable(layer: BitLinear) -> bool:
+  return layer.weight_quant in WEIGHT_CODES and layer.act_bits is not None and not layer.act_asymmetric
+
+
+class PackedLinear(nnx.Module):
+  """A BitLinear in its deployed form: ternary (or binary) weight codes packed 2 bits each, int8 activation
+  codes per token, and `kernels.matmul` (the Pallas kernel on GPU/TPU, the XLA unpack-then-dot elsewhere).
+
+  The b1.58 FAQ's inference BitLinear, `y = lowbit_gemm(x_q, w_q) / w_scale / x_scale` with exact int32 sums:
+  equal bit for bit to the BitLinear's integer path (`layers.use_integer_matmul`), and to its fake-quantised
+  forward up to float32 rounding. Binary codes (BitNet) are {-1, +1}, a subset of the ternary digits, so they
+  use the same 2-bit kernel. Holds only the packed codes and the scale grid (0.25 bytes per weight) and the
+  BitLinear's own norm."""
+
+  def __init__(self, layer: BitLinear):
+    if not _packable(layer):
+      raise ValueError(f"PackedLinear needs quantised weights and symmetric quantised activations "
+                       f"(weight_quant={layer.weight_quant!r}, act_bits={layer.act_bits!r}, "
+                       f"act_asymmetric={layer.act_asymmetric})")
+    codes, scale = WEIGHT_CODES[layer.weight_quant](layer.kernel[...], groups=layer.weight_groups)
+    self.n_out = layer.kernel.shape[1]
+    self.packed = PackedCodes(packing.pack_2bit(codes, axis=-1))                     # uint8 [K, ceil(N / 4)]
+    self.scale = PackedCodes(scale)                                                 # float32 (G_in, G_out)
+    self.norm, self.act_bits, self.dtype = layer.norm, layer.act_bits, layer.dtype
+    self.act_groups = layer.groups if layer.group_axis == "in" else 1
+
+  def __call__(self, x: jax.Array, *, normalized: jax.Array | None = None) -> jax.Array:
+    x = x.astype(self.dtype)
+    if self.norm is not None:
+      x = self.norm.apply_gain(self.norm.normalize(x) if normalized is None else normalized, self.dtype)
+    x_codes, x_scale = quant.activation_codes(x, self.act_bits, per_token=True, groups=self.act_groups)
+    y = kernels.matmul(x_codes, self.packed[...], self.scale[...], n_out=self.n_out, x_scale=x_scale)
+    return y.astype(self.dtype)
+
+
+WEIGHT_FORMS = ("auto", "dense", "packed")
+
+
+def inference_form(model: Transformer, weights: str = "auto") -> Transformer:
+  """A copy of `model` for decoding, its weights quantised once (the training form re-quantises them per call).
+
+  weights="dense": each BitLinear's kernel replaced by the de-quantised kernel its forward uses, in the compute
+  dtype (`weight_quant="none"` from then on), activation scales per token: the training graph's function.
+  weights="packed": each quantised BitLinear replaced by a `PackedLinear` (2-bit codes, int8 activations, the
+  low-bit kernel), the deployed form. "auto" (default): packed on GPU/TPU, where the Pallas kernel runs, dense
+  elsewhere (on CPU the XLA unpack-then-dot is slower than the dense dot). Other parameters are shared with
+  `model`, which is left unchanged. A model already in an inference form is returned as is, so converting once
+  before many `generate` calls saves the conversion in each."""
+  if weights not in WEIGHT_FORMS:
+    raise ValueError(f"inference_form: weights must be one of {WEIGHT_FORMS}, got {weights!r}")
   if _is_inference_form(model):
     return model
-  kernels = _quantized_kernels(model)
+  if weights == "auto":
+    weights = "packed" if jax.default_backend() in kernels.ACCELERATORS else "dense"
   model = nnx.clone(model)
+  if weights == "packed":
+    for _, module in list(nnx.iter_graph(model)):
+      if isinstance(module, nnx.Module) and not isinstance(module, BitLinear):
+        for name, child in list(vars(module).items()):
+          if isinstance(child, BitLinear) and _packable(child):
+            setattr(module, name, PackedLinear(child))
   layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, BitLinear)]
-  for layer, kernel in zip(layers, kernels, strict=True):
-    layer.kernel.set_value(kernel)
-    layer.weight_quant = "none"
-    layer.act_per_token = True
+  if layers:
+    for layer, kernel in zip(layers, _quantized_kernels(model), strict=True):
+      layer.kernel.set_value(kernel)
+      layer.weight_quant = "none"
+      layer.act_per_token = True
   return model
 
 

@@ -88,6 +88,43 @@ def test_inference_form_keeps_the_function_and_the_original_model():
   assert generate.inference_form(frozen) is frozen
 
 
+@pytest.mark.parametrize("variant", ["b158", "bitnet"])
+def test_packed_form_is_the_integer_path_bit_for_bit_and_decodes_the_same_tokens(variant):
+  from bitnet_jax.layers import use_integer_matmul
+  model = _reference(variant)
+  packed = generate.inference_form(model, "packed")
+  from bitnet_jax.layers import BitLinear
+  layers = [m for _, m in nnx.iter_graph(packed) if isinstance(m, generate.PackedLinear)]
+  quantised = [m for _, m in nnx.iter_graph(model) if isinstance(m, BitLinear) and m.weight_quant != "none"]
+  assert len(layers) == len(quantised) >= 6 * TINY["n_layers"]   # q, k, v, o, (gate,) up, down in every block
+  assert not any(isinstance(m, BitLinear) for _, m in nnx.iter_graph(packed))
+  q = packed.blocks[0].attn.q_proj
+  assert q.packed[...].dtype == jnp.uint8 and q.packed[...].shape == (64, 16)   # 2 bits per weight
+  # The deployed form equals the BitLinear integer path (int8 x int8 -> int32, one rescale) exactly ...
+  integer = nnx.clone(_reference(variant))
+  assert use_integer_matmul(integer) == len(layers)
+  tokens = _prompt(length=P + N - 1)
+  got = np.asarray(_forward(packed, tokens))
+  np.testing.assert_array_equal(got, np.asarray(_forward(integer, tokens)))
+  # ... and the fake-quantised (dense) form up to float32 rounding, with the same greedy tokens.
+  dense = np.asarray(_forward(generate.inference_form(model, "dense"), tokens))
+  np.testing.assert_allclose(got, dense, rtol=0, atol=1e-4 * np.abs(dense).max())
+  np.testing.assert_array_equal(np.asarray(generate.generate(packed, _prompt(), N, kv_dtype="float32")),
+                                np.asarray(generate.generate(model, _prompt(), N, kv_dtype="float32")))
+
+
+def test_inference_form_choices_and_errors():
+  assert jax.default_backend() == "cpu"   # "auto" is dense here (packed on GPU/TPU, where the kernel runs)
+  auto = generate.inference_form(_model("b158"))
+  assert not any(isinstance(m, generate.PackedLinear) for _, m in nnx.iter_graph(auto))
+  fp = generate.inference_form(_model("fp"), "packed")   # nothing quantised: nothing to pack
+  assert not any(isinstance(m, generate.PackedLinear) for _, m in nnx.iter_graph(fp))
+  with pytest.raises(ValueError, match="weights must be one of"):
+    generate.inference_form(_model("b158"), "int2")
+  with pytest.raises(ValueError, match="symmetric quantised activations"):
+    generate.PackedLinear(_model("fp").blocks[0].attn.q_proj)
+
+
 # ---------------------------------------------------------------- quantised caches
 def test_int4_packing_round_trips_every_code():
   codes = jnp.asarray(np.arange(-8, 8, dtype=np.int8).reshape(2, 8))

@@ -49,6 +49,11 @@ CASES = [  # (lead shape, K, N, groups, group_axis, activations, kernel options)
     ((2,), 64, 8, 2, "in", jnp.float32, {}),                        # float32 activations
     ((16,), 256, 64, 8, "out", jnp.bfloat16, {}),                   # batch 16, eight output groups
     ((1,), 40, 5, 1, "out", "int8", {}),                            # 5 outputs in 2 packed columns
+    ((3,), 96, 40, 2, "out", "int8", dict(decode="shift")),         # the four-operation decode
+    ((2,), 64, 70, 1, "out", jnp.bfloat16, dict(decode="shift", block_k=16, k_steps=2)),
+    ((1,), 100, 36, 2, "out", "int8", dict(gemv=True)),             # CUDA-core rows, K padded
+    ((5,), 128, 64, 4, "in", "int8", dict(gemv=True, block_k=16, k_steps=2)),   # 5 rows, input groups
+    ((2,), 64, 70, 1, "out", jnp.float32, dict(gemv=True)),         # float rows
 ]
 
 

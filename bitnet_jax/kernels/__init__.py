@@ -4,6 +4,6 @@
 to the XLA reference path (`reference_matmul`: unpack, then one dot) elsewhere.
 """
 
-from bitnet_jax.kernels.ternary_matmul import matmul, reference_matmul, ternary_matmul
+from bitnet_jax.kernels.ternary_matmul import ACCELERATORS, matmul, reference_matmul, ternary_matmul
 
-__all__ = ["matmul", "reference_matmul", "ternary_matmul"]
+__all__ = ["ACCELERATORS", "matmul", "reference_matmul", "ternary_matmul"]

@@ -3,8 +3,9 @@
 Computes `y = x @ (unpack_2bit(packed_w, n_out) * scale)` for a weight packed by `packing.pack_2bit(codes,
 axis=-1)`: `packed_w` is uint8 [K, P], P = ceil(n_out / 4), and (the planar layout of `bitnet_jax.packing`)
 bit pair i of byte column j holds output column `i * P + j`. A grid program decodes a [bk, bn] tile of bytes
-into four planes of codes with one shift and mask each and runs four dots with the same activation tile; its
-four [bm, bn] results are output columns `i * P + j` for its j. This is the b1.58 paper's inference setting
+into four planes (one integer operation per weight, `_kernel`) and runs four dots with the same activation tile;
+its four [bm, bn] results are output columns `i * P + j` for its j, written as [bm, 4, bn] so that the output
+needs no transpose. This is the b1.58 paper's inference setting
 (PAPERS.md section 2, "weights stored in 2 bits"; FAQ `y = lowbit_gemm(x_q, w_q) / w_scale / x_scale`).
 
 Activations: bf16 (or f16 / f32) with float32 accumulation, or int8 codes (`quant.activation_codes`) with exact
@@ -17,11 +18,14 @@ Grid (M tiles, N tiles, K splits): each program loops over `k_steps` K chunks of
 `lax.fori_loop` and writes its own partial sums; XLA adds the K splits and rescales once. No program revisits
 an output block and nothing is accumulated across programs, so the kernel lowers through Triton on GPU (block
 sizes are powers of two, rows padded to >= 16 for the tensor-core dot, no reshapes or concatenations inside).
-Shapes that do not fit the blocks are padded in the wrapper (padded weight bytes decode to code 0).
+Default blocks divide the shape where they can (`_default_block`); shapes that do not fit are padded in the
+wrapper (padded weight bytes decode to code 0), which copies the weights in every call: pack such weights
+padded instead.
 
 Tested on CPU (`tests/test_kernels.py`): values in interpret mode, and that the compiled form lowers for CUDA to
-a Triton call (Triton IR generated; PTX compilation and TPU/Mosaic lowering are not exercised without the
-hardware). Timings come from `benchmarks/matvec.py` on a GPU.
+a Triton call. Compiled and timed on an H100 (`benchmarks/matvec.py`, `benchmarks/results/h100.md`): equal to
+the XLA path, 1.05-1.77x faster than XLA's bf16 dot at batch 1 with int8 activations; decode-bound, not
+memory-bound. TPU/Mosaic lowering is not exercised without the hardware.
 """
 
 from __future__ import annotations
@@ -41,6 +45,10 @@ except ImportError:   # pragma: no cover - a jax without the Triton backend
   pltriton = None
 
 ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
+PROGRAMS = 264             # programs to aim for when splitting K: two per SM of an H100 (132 SMs)
+# Default tiles, from `benchmarks/matvec.py --sweep` on an H100 (int8 activations, batch 1 and 16): 32 packed
+# byte columns (128 outputs) by 128 K rows, 4 warps, 2 stages was the fastest or within 10% on all three shapes.
+BLOCK_N, BLOCK_K = 32, 128
 _ZERO_BYTE = 0b01010101   # four codes 0 (digit 1 in every bit pair): padding that adds nothing
 
 
@@ -52,24 +60,85 @@ def _pow2_at_least(n: int) -> int:
   return 1 << max(n - 1, 0).bit_length()
 
 
-def _kernel(x_ref, w_ref, o_ref, *, block_k: int, k_steps: int, acc_dtype):
-  """x_ref (bm, k_steps * bk), w_ref (k_steps * bk, bn) uint8, o_ref (4, bm, bn): four planes of partial sums."""
-  bm, bn = x_ref.shape[0], w_ref.shape[1]
+def _kernel(x_ref, w_ref, o_ref, *, block_k: int, k_steps: int, acc_dtype, decode: str):
+  """x_ref (bm, k_steps * bk), w_ref (k_steps * bk, bn) uint8, o_ref (bm, 4, bn): four planes of partial sums
+  (o_ref[:, i, j] is output column i * P + j, so the output needs no transpose).
 
-  def step(s, accs):
+  decode="shift": plane i's codes are `((w >> 2i) & 3) - 1`, four integer operations per weight before the dot.
+  decode="mask": plane i is dotted as `w & (3 << 2i)` (the digit d = code + 1 times 4^i; plane 3 as `w >> 6`),
+  one integer operation per weight; the sums are then divided by 4^i (exact: a power of two, and integer sums
+  divisible by it) and the digit offset removed with the row sums of x: x . (d - 1) = x . d - sum(x).
+  """
+  bm, bn = x_ref.shape[0], w_ref.shape[1]
+  mask = decode == "mask"
+
+  def step(s, carry):
+    accs, xsum = carry
     k0 = pl.multiple_of(s * block_k, block_k)
     x = x_ref[:, pl.ds(k0, block_k)]                                   # (bm, bk)
-    w = w_ref[pl.ds(k0, block_k), :].astype(jnp.int32)                 # (bk, bn) packed bytes
+    w = w_ref[pl.ds(k0, block_k), :]                                   # (bk, bn) packed bytes
     out = []
     for i in range(4):                                                 # plane i: output columns i * P + j
-      codes = (((w >> (2 * i)) & 3) - 1).astype(x.dtype)               # (bk, bn) in {-1, 0, 1}
+      if mask:
+        digits = (w >> 6) if i == 3 else (w & (3 << (2 * i)))          # uint8 d * 4^i (d = code + 1)
+        codes = digits.astype(x.dtype)
+      else:
+        codes = (((w.astype(jnp.int32) >> (2 * i)) & 3) - 1).astype(x.dtype)   # (bk, bn) in {-1, 0, 1}
       out.append(accs[i] + jnp.dot(x, codes, preferred_element_type=acc_dtype))
-    return tuple(out)
+    if mask:
+      xsum = xsum + jnp.sum(x.astype(acc_dtype), axis=1, keepdims=True)
+    return tuple(out), xsum
 
   zeros = tuple(jnp.zeros((bm, bn), acc_dtype) for _ in range(4))
-  accs = jax.lax.fori_loop(0, k_steps, step, zeros)
+  accs, xsum = jax.lax.fori_loop(0, k_steps, step, (zeros, jnp.zeros((bm, 1), acc_dtype)))
   for i in range(4):
-    o_ref[i, :, :] = accs[i]
+    acc = accs[i]
+    if mask:
+      if i in (1, 2):   # exact: the products of plane i are multiples of 4^i
+        acc = (acc >> (2 * i)) if acc_dtype == jnp.int32 else acc * (0.25 ** i)
+      acc = acc - xsum
+    o_ref[:, i, :] = acc
+
+
+def _gemv_kernel(x_ref, w_ref, o_ref, *, block_k: int, k_steps: int, acc_dtype, decode: str):
+  """One activation row (block_m = 1) without tensor cores: x_ref (1, k_steps * bk), w_ref (k_steps * bk, bn),
+  o_ref (1, 4, bn). Each plane accumulates `x[:, None] * d` elementwise in a (bk, bn) register tile (no
+  reduction inside the loop), reduced over K once at the end; digits and the row-sum offset as in `_kernel`."""
+  del decode   # always the mask decode: digits d * 4^i, one integer operation per weight
+  bn = w_ref.shape[1]
+
+  def step(s, carry):
+    accs, xsum = carry
+    k0 = pl.multiple_of(s * block_k, block_k)
+    x = x_ref[0, pl.ds(k0, block_k)].astype(acc_dtype)[:, None]         # (bk, 1)
+    w = w_ref[pl.ds(k0, block_k), :].astype(jnp.int32)                 # (bk, bn) packed bytes
+    out = tuple(accs[i] + x * ((w >> 6) if i == 3 else (w & (3 << (2 * i)))).astype(acc_dtype)
+                for i in range(4))
+    return out, xsum + x
+
+  zeros = tuple(jnp.zeros((block_k, bn), acc_dtype) for _ in range(4))
+  accs, xsum = jax.lax.fori_loop(0, k_steps, step, (zeros, jnp.zeros((block_k, 1), acc_dtype)))
+  total = jnp.sum(xsum)
+  for i in range(4):
+    acc = jnp.sum(accs[i], axis=0)                                     # (bn,)
+    if i in (1, 2):
+      acc = (acc >> (2 * i)) if acc_dtype == jnp.int32 else acc * (0.25 ** i)
+    o_ref[0, i, :] = acc - total
+
+
+def _splits(steps: int, tiles: int) -> int:
+  """K splits for `tiles` output tiles: the largest divisor of the K chunks giving at most ~PROGRAMS programs."""
+  want = -(-PROGRAMS // tiles)
+  return max(d for d in range(1, min(steps, want) + 1) if steps % d == 0)
+
+
+def _default_block(n: int, cap: int) -> int:
+  """The largest power of two in [16, cap] that divides n (then the weights need no padding inside the call,
+  which would copy them); if none does, the smallest power of two >= min(n, cap), at least 16."""
+  for b in (cap >> i for i in range(cap.bit_length())):
+    if b >= 16 and n % b == 0:
+      return b
+  return max(16, min(cap, _pow2_at_least(n)))
 
 
 def _compiler_params(interpret: bool, num_warps: int, num_stages: int):
@@ -77,10 +146,6 @@ def _compiler_params(interpret: bool, num_warps: int, num_stages: int):
   if interpret or pltriton is None or jax.default_backend() == "tpu":
     return None
   return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-
-
-def _largest_divisor_at_most(n: int, cap: int) -> int:
-  return max(d for d in range(1, min(n, max(cap, 1)) + 1) if n % d == 0)
 
 
 def _check(x, packed_w, scales, n_out, groups, group_axis, x_scale) -> jax.Array:
@@ -118,7 +183,8 @@ def _check(x, packed_w, scales, n_out, groups, group_axis, x_scale) -> jax.Array
 def ternary_matmul(x: jax.Array, packed_w: jax.Array, scales: jax.Array, *, n_out: int, groups: int | None = None,
                    group_axis: str | None = None, x_scale: jax.Array | None = None, interpret: bool | None = None,
                    block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
-                   k_steps: int | None = None, num_warps: int = 4, num_stages: int = 2) -> jax.Array:
+                   k_steps: int | None = None, num_warps: int = 4, num_stages: int = 2,
+                   decode: str = "mask", gemv: bool = False) -> jax.Array:
   """`x @ (unpack_2bit(packed_w, n_out) * scales)` (times `x_scale`) with the weights decoded in a Pallas kernel.
 
   Args:
@@ -134,6 +200,9 @@ def ternary_matmul(x: jax.Array, packed_w: jax.Array, scales: jax.Array, *, n_ou
     block_m, block_n, block_k: rows of x, packed byte columns of w (4 * block_n outputs) and K rows per inner
       step, all powers of two (>= 16 for Triton); k_steps: inner steps per program (K splits = K / (k_steps bk)).
     num_warps, num_stages: Triton launch parameters (GPU only).
+    decode: how the kernel turns bytes into dot operands: "mask" (one integer operation per weight, the
+      default) or "shift" (four); see `_kernel`. Both give the same sums (exactly, for int8 activations).
+    gemv: one activation row per program without tensor cores (`_gemv_kernel`; block_m is then 1).
   Returns:
     float32 [..., n_out].
   """
@@ -151,16 +220,23 @@ def ternary_matmul(x: jax.Array, packed_w: jax.Array, scales: jax.Array, *, n_ou
   acc_dtype = jnp.int32 if is_int else jnp.float32
 
   # Tiles: powers of two, >= 16 (Triton's dot); K splits chosen to give the GPU enough programs.
-  bm = block_m or max(16, min(64, _pow2_at_least(m)))
-  bn = block_n or max(16, min(64, _pow2_at_least(p)))
-  bk = block_k or max(16, min(128, _pow2_at_least(kgs)))
+  bm = 1 if gemv else (block_m or max(16, min(64, _pow2_at_least(m))))
+  bn = block_n or _default_block(p, BLOCK_N)
+  bk = None
+  if block_k is None and k_steps is None:   # a smaller K block where it allows enough K splits without padding
+    tiles = (-(-m // bm)) * (-(-p // bn)) * kg
+    bk = max((b for b in (BLOCK_K >> i for i in range(4)) if kgs % b == 0),
+             key=lambda b: (min(tiles * _splits(kgs // b, tiles), PROGRAMS // 2), b), default=None)
+  bk = block_k or bk or _default_block(kgs, BLOCK_K)
+  if decode not in ("mask", "shift"):
+    raise ValueError(f"decode={decode!r} must be 'mask' or 'shift'")
   for name, b in (("block_m", bm), ("block_n", bn), ("block_k", bk)):
     if b < 1 or b & (b - 1):
       raise ValueError(f"{name}={b} must be a power of two")
   mp, pp = -(-m // bm) * bm, -(-p // bn) * bn
   steps = -(-kgs // bk)                                                  # K chunks per group
-  if k_steps is None:
-    k_steps = steps // _largest_divisor_at_most(steps, -(-256 // ((mp // bm) * (pp // bn))))
+  if k_steps is None:   # K splits towards PROGRAMS programs, dividing the K chunks: the weights are not padded
+    k_steps = steps // _splits(steps, (mp // bm) * (pp // bn) * kg)
   if not isinstance(k_steps, int) or k_steps < 1:
     raise ValueError(f"k_steps must be a positive int, got {k_steps!r}")
   splits = -(-steps // k_steps)                                          # programs along K per group
@@ -177,18 +253,19 @@ def ternary_matmul(x: jax.Array, packed_w: jax.Array, scales: jax.Array, *, n_ou
   kc = k_steps * bk                                                      # K rows per program
 
   partial = pl.pallas_call(
-      functools.partial(_kernel, block_k=bk, k_steps=k_steps, acc_dtype=acc_dtype),
-      out_shape=jax.ShapeDtypeStruct((kg * splits, 4, mp, pp), acc_dtype),
+      functools.partial(_gemv_kernel if gemv else _kernel, block_k=bk, k_steps=k_steps, acc_dtype=acc_dtype, decode=decode),
+      out_shape=jax.ShapeDtypeStruct((kg * splits, mp, 4, pp), acc_dtype),
       grid=(mp // bm, pp // bn, kg * splits),
       in_specs=[pl.BlockSpec((bm, kc), lambda i, j, s: (i, s)),
                 pl.BlockSpec((kc, bn), lambda i, j, s: (s, j))],
-      out_specs=pl.BlockSpec((_squeezed(), 4, bm, bn), lambda i, j, s: (s, 0, i, j)),
+      out_specs=pl.BlockSpec((_squeezed(), bm, 4, bn), lambda i, j, s: (s, i, 0, j)),
       interpret=interpret,
       compiler_params=_compiler_params(interpret, num_warps, num_stages),
       name="ternary_matmul_2bit",
-  )(x2, w2)                                                              # (Gk * S, 4, Mp, Pp)
-  acc = partial.reshape(kg, splits, 4, mp, pp).sum(axis=1)[:, :, :m, :p]  # (Gk, 4, M, P)
-  acc = acc.transpose(0, 2, 1, 3).reshape(kg, m, 4 * p)[:, :, :n_out]     # (Gk, M, N): column i * P + j
+  )(x2, w2)                                                              # (Gk * S, Mp, 4, Pp)
+  acc = partial.reshape(kg, splits, mp, 4, pp)
+  acc = (acc[:, 0] if splits == 1 else acc.sum(axis=1))[:, :m, :, :p]     # (Gk, M, 4, P)
+  acc = acc.reshape(kg, m, 4 * p)[:, :, :n_out]                           # (Gk, M, N): column i * P + j
   y = packing.rescale_group_sums(acc, xs, grid)
   return y.reshape(lead + (n_out,))
 
