@@ -89,6 +89,21 @@ class Norm(nnx.Module):
     return self.apply_gain(self.normalize(x), x.dtype)
 
 
+class QuantMix(nnx.Variable):
+  """The quantisation warm-up weight lambda of a BitLinear (state, not trained; `set_quant_mix`)."""
+
+
+def mix_quantized(x: jax.Array, q: jax.Array, lam: jax.Array) -> jax.Array:
+  """The quantisation warm-up of Hugging Face's 1.58-bit fine-tuning work, `x + lambda * stop_gradient(q - x)`:
+  the forward moves from x (lambda 0) to q (lambda 1) and the gradient stays the identity at every lambda.
+
+  `q` must be a straight-through fake quantiser of x (dq/dx = 1, as every quantiser in `quant` is), so it is
+  computed as `(1 - lambda) x + lambda q`: the same value and gradient, and exactly x at 0 and exactly q at 1
+  (`x + (q - x)` can differ from q in the last bit)."""
+  lam = lam.astype(x.dtype)
+  return (1 - lam) * x + lam * q
+
+
 class BitLinear(nnx.Module):
   """The BitNet / b1.58 linear layer: sub-layer norm -> activation quant -> matmul with quantised weights.
 
@@ -110,6 +125,9 @@ class BitLinear(nnx.Module):
       parameter-free `RMSNorm(x)` of the FAQ reference code).
     dtype: compute dtype of the matmul; the latent kernel stays `param_dtype` (float32).
     axes: logical axis names of the kernel, e.g. ("embed", "mlp").
+    quant_mix: give the layer a quantisation warm-up weight lambda (`QuantMix`, initially 1): the forward then
+      uses `x + lambda * stop_gradient(q(x) - x)` for the weights and the activations (`mix_quantized`);
+      the trainer ramps lambda from 0 to 1 (`config.train.quant_warmup_steps`). Off (None): no extra state.
   """
 
   def __init__(self, in_features: int, out_features: int, *, weight_quant: str = "ternary",
@@ -117,7 +135,7 @@ class BitLinear(nnx.Module):
                groups: int = 1, group_axis: str = "out", fsdp_groups: int = 1, norm: str | None = None,
                norm_eps: float = 1e-5,
                norm_scale: bool = True, dtype=jnp.float32, param_dtype=jnp.float32, init_std: float = 0.02,
-               axes: Sequence[str | None] = ("embed", "mlp"), rngs: nnx.Rngs):
+               axes: Sequence[str | None] = ("embed", "mlp"), quant_mix: bool = False, rngs: nnx.Rngs):
     if weight_quant not in WEIGHT_QUANTIZERS:
       raise ValueError(f"BitLinear weight_quant must be one of {tuple(WEIGHT_QUANTIZERS)}, got {weight_quant!r}")
     if act_bits is not None and (not isinstance(act_bits, int) or not 2 <= act_bits <= 8):
@@ -143,6 +161,7 @@ class BitLinear(nnx.Module):
                       axis_name=axes[0], param_dtype=param_dtype) if norm else None)
     kernel = jax.random.normal(rngs.params(), (in_features, out_features), param_dtype) * init_std
     self.kernel = make_param(kernel, axes)
+    self.quant_mix = QuantMix(jnp.ones((), jnp.float32)) if quant_mix else None
 
   @property
   def weight_groups(self) -> tuple[int, int]:
@@ -178,10 +197,15 @@ class BitLinear(nnx.Module):
     act_groups = self.groups if self.group_axis == "in" else 1
     if self.integer:
       return self._integer_matmul(x, act_groups)
+    lam = None if self.quant_mix is None else self.quant_mix[...]
     if self.act_bits is not None:
-      x = quant.quantize_activations(x, self.act_bits, per_token=self.act_per_token, groups=act_groups,
-                                     asymmetric=self.act_asymmetric)
-    return jnp.einsum("...i,io->...o", x, self.quantized_kernel().astype(self.dtype))
+      xq = quant.quantize_activations(x, self.act_bits, per_token=self.act_per_token, groups=act_groups,
+                                      asymmetric=self.act_asymmetric)
+      x = xq if lam is None else mix_quantized(x, xq, lam)
+    w = self.quantized_kernel()
+    if lam is not None and self.weight_quant != "none":
+      w = mix_quantized(self.kernel[...], w, lam)
+    return jnp.einsum("...i,io->...o", x, w.astype(self.dtype))
 
   def _integer_matmul(self, x: jax.Array, act_groups: int) -> jax.Array:
     """The deployed form (b1.58 FAQ inference BitLinear): int8 activation codes times the int8 weight codes with
@@ -193,6 +217,17 @@ class BitLinear(nnx.Module):
     x_codes, x_scale = quant.activation_codes(x, self.act_bits, per_token=self.act_per_token, groups=act_groups)
     w_codes, w_scale = WEIGHT_CODES[self.weight_quant](self.kernel[...], groups=self.weight_groups)
     return quant.int_matmul(x_codes, x_scale, w_codes, w_scale).astype(self.dtype)
+
+
+def set_quant_mix(module: nnx.Module, lam: jax.Array | float) -> int:
+  """Sets the quantisation warm-up weight of every BitLinear that has one (inside or outside jit); returns how
+  many."""
+  n = 0
+  for _, layer in nnx.iter_graph(module):
+    if isinstance(layer, BitLinear) and layer.quant_mix is not None:
+      layer.quant_mix[...] = jnp.asarray(lam, jnp.float32)
+      n += 1
+  return n
 
 
 def use_integer_matmul(module: nnx.Module, on: bool = True) -> int:

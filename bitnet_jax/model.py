@@ -104,6 +104,9 @@ class ModelConfig:
   # Round K and V in the full forward as a KV cache of this kind stores them (none | bfloat16 | int8 | int4;
   # `kv_cache.fake_quant`): the teacher-forced loss of decoding with a quantised cache. "none" changes nothing.
   kv_quant: str = "none"
+  # Give every quantised BitLinear a warm-up weight lambda (`layers.QuantMix`) that the trainer ramps from 0 to 1
+  # (`config.train.quant_warmup_steps`): fine-tuning an FP checkpoint into b1.58 without a cliff at step 0.
+  quant_warmup: bool = False
 
   def __post_init__(self):
     if self.variant not in VARIANTS:
@@ -235,7 +238,7 @@ def _linear(cfg: ModelConfig, d_in: int, d_out: int, axes, *, parallel: str, rng
                    group_axis="out" if parallel == "column" else "in", fsdp_groups=cfg.fsdp_groups,
                    norm=cfg.linear_norm if norm else None, norm_eps=cfg.norm_eps, norm_scale=cfg.linear_norm_scale,
                    dtype=cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype), init_std=cfg.init_std,
-                   axes=axes, rngs=rngs)
+                   axes=axes, quant_mix=cfg.quant_warmup and cfg.weight_quant != "none", rngs=rngs)
 
 
 def _norm(cfg: ModelConfig, kind: str | None, dim: int, axis_name: str, groups: int = 1) -> Norm | None:

@@ -15,6 +15,7 @@ step: step, loss, lr, grad_norm, tokens_per_s, and eval_loss / eval_ppl / eval_b
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
 from bitnet_jax import data, optim, sharding
-from bitnet_jax.layers import BitLinear
+from bitnet_jax.layers import BitLinear, set_quant_mix
 from bitnet_jax.model import ModelConfig, Transformer, count_params
 
 
@@ -43,7 +44,15 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def model_config_from(config: ml_collections.ConfigDict) -> ModelConfig:
-  return ModelConfig(**config.model.to_dict())
+  """The config's ModelConfig; a quantisation warm-up in `config.train` gives the BitLinears their lambda."""
+  fields = config.model.to_dict()
+  if _warmup_steps(config):
+    fields["quant_warmup"] = True
+  return ModelConfig(**fields)
+
+
+def _warmup_steps(config: ml_collections.ConfigDict) -> int:
+  return config.train.get("quant_warmup_steps", 0)
 
 
 def setup_mesh(config: ml_collections.ConfigDict):
@@ -71,6 +80,12 @@ def _check_config(config: ml_collections.ConfigDict, model_cfg: ModelConfig, tok
   if t.batch_size % n_batch_shards:
     raise ValueError(f"config.train.batch_size={t.batch_size} is not divisible by the {n_batch_shards} "
                      f"data-parallel shards of the mesh (mesh.data x mesh.fsdp)")
+  warmup = t.get("quant_warmup_steps", 0)
+  if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+    raise ValueError(f"config.train.quant_warmup_steps must be a non-negative int, got {warmup!r}")
+  if warmup and model_cfg.weight_quant == "none":
+    raise ValueError(f"config.train.quant_warmup_steps={warmup} needs a quantised variant; "
+                     f"config.model.variant={model_cfg.variant!r} quantises nothing")
   if model_cfg.vocab_size < tokenizer.vocab_size:
     raise ValueError(f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
                      f"{tokenizer.vocab_size} ids ({tokenizer.name}); set "
@@ -98,8 +113,13 @@ def loss_fn(model: Transformer, batch: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
 
-@nnx.jit
-def train_step(model: Transformer, optimizer: nnx.Optimizer, batch: jax.Array):
+@functools.partial(nnx.jit, static_argnames=("quant_warmup_steps",))
+def train_step(model: Transformer, optimizer: nnx.Optimizer, batch: jax.Array, quant_warmup_steps: int = 0):
+  """One optimiser update. With `quant_warmup_steps`, every BitLinear's warm-up weight lambda is first set to
+  `optax.linear_schedule(0, 1, quant_warmup_steps)` at the optimiser's step: 0 (the FP forward) at the first
+  update, 1 (fully quantised) from update `quant_warmup_steps` on (`layers.mix_quantized`)."""
+  if quant_warmup_steps:
+    set_quant_mix(model, optax.linear_schedule(0.0, 1.0, quant_warmup_steps)(optimizer.step[...]))
   loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
   optimizer.update(model, grads)
   # inject_hyperparams records the rate of the update it just applied, so it is read after `update`.
@@ -217,7 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         (writer or contextlib.nullcontext()):
       for step in range(start + 1, last + 1):
         batch = sharding.shard_batch(next(train_it), batch_sharding)
-        loss, grad_norm, lr = train_step(model, optimizer, batch)
+        loss, grad_norm, lr = train_step(model, optimizer, batch, quant_warmup_steps=_warmup_steps(config))
         loss = float(loss)
         if not math.isfinite(loss):
           manager.wait_until_finished()

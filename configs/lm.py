@@ -103,6 +103,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.log_every = 10           # metrics.jsonl / progress bar cadence
   config.train.seed = 0                 # model init and data order
   config.train.async_checkpoint = True  # orbax writes in the background; a killed run keeps the last complete one
+  # Quantisation warm-up (fine-tuning an FP checkpoint into b1.58): lambda ramps 0 -> 1 over this many steps in
+  # `x + lambda * stop_gradient(q(x) - x)` for every BitLinear's weights and activations; 0 = off.
+  config.train.quant_warmup_steps = 0
 
   if arg.smoke:   # same code path, tiny sizes
     config.train.steps = 20

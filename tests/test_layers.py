@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 import oracles
+from bitnet_jax import quant
 from bitnet_jax.layers import BitLinear, Norm
 
 
@@ -152,3 +153,24 @@ def test_integer_matmul_refuses_an_unquantised_layer():
   layer.integer = True
   with pytest.raises(ValueError, match="integer matmul needs quantised weights"):
     layer(jnp.ones((2, 16)))
+
+
+def test_quant_mix_moves_from_the_latent_to_the_quantised_forward_with_an_identity_gradient():
+  from bitnet_jax.layers import mix_quantized, set_quant_mix
+  x = jax.random.normal(jax.random.key(0), (4, 32))
+  q = quant.quantize_activations(x, 8)
+  for lam in (0.0, 0.25, 1.0):
+    y = mix_quantized(x, q, jnp.float32(lam))
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x + lam * (q - x)), rtol=0, atol=1e-6)
+    g = jax.grad(lambda v: jnp.sum(mix_quantized(v, quant.quantize_activations(v, 8), jnp.float32(lam)) * x))(x)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(x), rtol=1e-6)   # the straight-through identity
+  np.testing.assert_array_equal(np.asarray(mix_quantized(x, q, jnp.float32(1.0))), np.asarray(q))   # exact at 1
+  np.testing.assert_array_equal(np.asarray(mix_quantized(x, q, jnp.float32(0.0))), np.asarray(x))   # exact at 0
+  # A BitLinear with a warm-up weight: lambda 1 is the quantised layer, lambda 0 the unquantised one, bitwise.
+  mixed = BitLinear(32, 16, quant_mix=True, norm=None, rngs=nnx.Rngs(1))
+  quantised = BitLinear(32, 16, norm=None, rngs=nnx.Rngs(1))
+  plain = BitLinear(32, 16, weight_quant="none", act_bits=None, norm=None, rngs=nnx.Rngs(1))
+  np.testing.assert_array_equal(np.asarray(mixed(x)), np.asarray(quantised(x)))
+  assert set_quant_mix(mixed, 0.0) == 1
+  np.testing.assert_array_equal(np.asarray(mixed(x)), np.asarray(plain(x)))
+  assert BitLinear(32, 16, rngs=nnx.Rngs(1)).quant_mix is None   # off by default: no extra state

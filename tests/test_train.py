@@ -141,6 +141,43 @@ def test_non_finite_loss_stops_without_checkpointing_the_bad_state(tmp_path, mon
 
 
 # ---------------------------------------------------------------- bad input
+# ---------------------------------------------------------------- quantisation warm-up
+def test_quant_warmup_ramps_lambda_and_checkpoints_it(tmp_path):
+  from flax import nnx
+
+  from bitnet_jax import optim
+  from bitnet_jax.layers import BitLinear
+  from bitnet_jax.model import Transformer
+
+  config = _tiny(steps=4, eval_every=4, checkpoint_every=4, quant_warmup_steps=2)
+  model_cfg = train.model_config_from(config)
+  assert model_cfg.quant_warmup
+  model = Transformer(model_cfg, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optim.make_optimizer(config.optim, 4), wrt=nnx.Param)
+  layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, BitLinear) and m.weight_quant != "none"]
+  batch = jnp.zeros((2, 17), jnp.int32)
+  seen = []
+  for _ in range(4):
+    train.train_step(model, optimizer, batch, quant_warmup_steps=2)
+    values = {float(layer.quant_mix[...]) for layer in layers}
+    assert len(values) == 1
+    seen.append(values.pop())
+  assert seen == [0.0, 0.5, 1.0, 1.0]   # lambda at the update's step: FP forward first, quantised from step 2
+  # Through the trainer: the run finishes fully quantised, and its checkpoint restores lambda.
+  summary = train.train_and_evaluate(config, tmp_path, progress=False)
+  assert np.isfinite(summary["eval_loss"])
+  restored, _ = train.load_checkpoint(tmp_path)
+  assert {float(m.quant_mix[...]) for _, m in nnx.iter_graph(restored)
+          if isinstance(m, BitLinear) and m.quant_mix is not None} == {1.0}
+
+
+def test_quant_warmup_needs_a_quantised_variant_and_a_non_negative_int(tmp_path):
+  with pytest.raises(ValueError, match="needs a quantised variant"):
+    train.train_and_evaluate(_tiny("fp-tiny", quant_warmup_steps=3), tmp_path, progress=False)
+  with pytest.raises(ValueError, match="quant_warmup_steps must be a non-negative int"):
+    train.train_and_evaluate(_tiny(quant_warmup_steps=-1), tmp_path, progress=False)
+
+
 def test_sequence_longer_than_the_model_is_refused(tmp_path):
   config = _tiny()
   config.train.seq_len = config.model.max_seq_len + 1
