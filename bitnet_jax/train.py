@@ -215,6 +215,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       for name, m in modules.items():
         nnx.replace_by_pure_dict(sub := nnx.state(m), restored.state[name])
         nnx.update(m, sub)
+    elif t.get("init_from"):   # a fresh run starting from other weights (a resumed run has its own)
+      report = init_from(model, load_init_source(t.init_from))
+      if main_process:
+        print(f"init_from {t.init_from}: {report['copied']} parameters copied, "
+              f"{len(report['kept_init'])} norm gains left at their init", file=sys.stderr)
     metrics_path = workdir / "metrics.jsonl"
     history = read_metrics(metrics_path, start)
     if main_process:
@@ -295,6 +300,70 @@ def _model_and_optimizer(model_cfg: ModelConfig, optim_cfg, steps: int, seed: in
     model = Transformer(model_cfg, rngs=nnx.Rngs(seed))
     return model, nnx.Optimizer(model, optim.make_optimizer(optim_cfg, steps), wrt=nnx.Param)
   return create
+
+
+def load_init_source(spec: str) -> Transformer:
+  """The model `config.train.init_from` names: "hf:DIR" (a transformers BitNet or LLaMA checkpoint directory,
+  `interop.hf.load`) or "run:WORKDIR" (the last checkpoint of one of our runs, `load_checkpoint`)."""
+  kind, _, path = str(spec).partition(":")
+  if kind == "hf" and path:
+    from bitnet_jax.interop import hf   # interop sits beside the trainer; imported only when asked for
+    return hf.load(path)
+  if kind == "run" and path:
+    return load_checkpoint(path)[0]
+  raise ValueError(f"config.train.init_from={spec!r} must be 'hf:DIR' or 'run:WORKDIR'")
+
+
+# An FP (LLaMA-layout) block normalises the attention and FFN inputs once; the quantised variants normalise the
+# input of every BitLinear (b1.58's RMSNorm inside BitLinear). Converting FP into b1.58 gives the block norm's gain
+# to the layers that read that input; o_proj and down_proj, whose inputs an FP block does not normalise, keep
+# gain 1 (their norm is new: the function changes there, which the quantisation warm-up lets training absorb).
+_NORM_FROM_FP = {("attn", "q_proj"): "attn_norm", ("attn", "k_proj"): "attn_norm", ("attn", "v_proj"): "attn_norm",
+                 ("ffn", "gate_proj"): "ffn_norm", ("ffn", "up_proj"): "ffn_norm"}
+
+
+def init_from(model: Transformer, source: Transformer) -> dict:
+  """Copies `source`'s parameters into `model` in place (onto `model`'s shardings) for fine-tuning.
+
+  Parameters are matched by path and must have equal shapes. From an FP model into a quantised variant the
+  block norms' gains go to the per-layer input norms (`_NORM_FROM_FP`). A parameter of `model` with no source
+  is an error unless it is a norm gain (left at its init, 1); so is a source parameter that nothing reads.
+  Returns {"copied": n, "kept_init": [paths], "mapped": {target: source}}.
+  """
+  target = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  source_state = dict(nnx.to_flat_state(nnx.state(source, nnx.Param)))
+  src = {path: v[...] for path, v in source_state.items()}
+  used, mapped, kept, missing, mismatched = set(), {}, [], [], []
+  for path, variable in target.items():
+    origin = path
+    if origin not in src and len(path) >= 5 and path[-2:] == ("norm", "scale") and path[2:4] in _NORM_FROM_FP:
+      origin = path[:2] + (_NORM_FROM_FP[path[2:4]], "scale")
+      mapped["/".join(map(str, path))] = "/".join(map(str, origin))
+    if origin not in src:
+      (kept if path[-1] == "scale" and "norm" in path else missing).append("/".join(map(str, path)))
+      continue
+    if tuple(src[origin].shape) != tuple(variable.shape):
+      mismatched.append(f"{'/'.join(map(str, path))}: {tuple(src[origin].shape)} -> {tuple(variable.shape)}")
+      continue
+    used.add(origin)
+  unused = sorted("/".join(map(str, p)) for p in src if p not in used)
+  problems = []
+  if missing:
+    problems.append(f"parameters with no source: {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+  if mismatched:
+    problems.append(f"shapes differ: {mismatched[:6]}{' ...' if len(mismatched) > 6 else ''}")
+  if unused:
+    problems.append(f"source parameters nothing reads: {unused[:6]}{' ...' if len(unused) > 6 else ''}")
+  if problems:
+    raise ValueError("init_from: the source model does not fit this config (set config.model to the source's "
+                     "sizes): " + "; ".join(problems))
+  for path, variable in target.items():
+    origin = path if path in src else path[:2] + (_NORM_FROM_FP.get(path[2:4], ""), "scale")
+    if origin in src:
+      value = jnp.asarray(src[origin], variable[...].dtype)
+      sharding_ = getattr(variable[...], "sharding", None)
+      variable[...] = jax.device_put(value, sharding_) if sharding_ is not None else value
+  return {"copied": len(target) - len(kept), "kept_init": kept, "mapped": mapped}
 
 
 def load_checkpoint(workdir: str | os.PathLike, config: ml_collections.ConfigDict | None = None, *,

@@ -106,6 +106,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Quantisation warm-up (fine-tuning an FP checkpoint into b1.58): lambda ramps 0 -> 1 over this many steps in
   # `x + lambda * stop_gradient(q(x) - x)` for every BitLinear's weights and activations; 0 = off.
   config.train.quant_warmup_steps = 0
+  # Start a fresh run from other weights: "hf:DIR" (a transformers BitNet / LLaMA checkpoint) or "run:WORKDIR"
+  # (one of our runs); an FP model converts into b158 (`train.init_from`). "" = random init. Resuming ignores it.
+  config.train.init_from = ""
 
   if arg.smoke:   # same code path, tiny sizes
     config.train.steps = 20

@@ -171,6 +171,38 @@ def test_quant_warmup_ramps_lambda_and_checkpoints_it(tmp_path):
           if isinstance(m, BitLinear) and m.quant_mix is not None} == {1.0}
 
 
+def test_fine_tuning_an_fp_run_into_b158_with_warmup(tmp_path):
+  from flax import nnx
+
+  from bitnet_jax.interop import hf
+
+  fp_dir, hf_dir = tmp_path / "fp", tmp_path / "fp-hf"
+  train.train_and_evaluate(_tiny("fp-tiny", steps=12), fp_dir, progress=False)
+  fp_model, _ = train.load_checkpoint(fp_dir)
+  hf.save(fp_model, hf_dir)   # the LLaMA layout: the same weights through the HF route
+  from_hf = train.load_init_source(f"hf:{hf_dir}")
+  target = train.load_init_source(f"run:{fp_dir}")
+  np.testing.assert_array_equal(np.asarray(from_hf.blocks[0].ffn.up_proj.kernel[...]),
+                                np.asarray(target.blocks[0].ffn.up_proj.kernel[...]))
+  scratch = _rows(tmp_path / "scratch") if train.train_and_evaluate(
+      _tiny(steps=6, eval_every=6, checkpoint_every=6), tmp_path / "scratch", progress=False) else None
+  tuned_dir = tmp_path / "tuned"
+  config = _tiny(steps=6, eval_every=6, checkpoint_every=6, quant_warmup_steps=3, init_from=f"hf:{hf_dir}")
+  summary = train.train_and_evaluate(config, tuned_dir, progress=False)
+  tuned = _rows(tuned_dir)
+  # Starting from the trained FP weights (lambda 0: the FP forward but for the new o/down input norms) beats a
+  # random start, and the loss falls while lambda ramps to 1.
+  assert tuned[0]["loss"] < scratch[0]["loss"] and tuned[-1]["loss"] < tuned[0]["loss"]
+  assert np.isfinite(summary["eval_loss"])
+  model, _ = train.load_checkpoint(tuned_dir)
+  assert float(model.blocks[0].attn.q_proj.quant_mix[...]) == 1.0   # fully quantised by the end
+  with pytest.raises(ValueError, match="must be 'hf:DIR' or 'run:WORKDIR'"):
+    train.load_init_source("s3://bucket")
+  with pytest.raises(ValueError, match="does not fit this config"):   # the b158 run is no FP source for fp
+    train.train_and_evaluate(_tiny("fp-tiny", steps=2, init_from=f"run:{tuned_dir}"), tmp_path / "bad",
+                             progress=False)
+
+
 def test_quant_warmup_needs_a_quantised_variant_and_a_non_negative_int(tmp_path):
   with pytest.raises(ValueError, match="needs a quantised variant"):
     train.train_and_evaluate(_tiny("fp-tiny", quant_warmup_steps=3), tmp_path, progress=False)
