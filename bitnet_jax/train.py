@@ -333,7 +333,7 @@ def init_from(model: Transformer, source: Transformer) -> dict:
   target = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   source_state = dict(nnx.to_flat_state(nnx.state(source, nnx.Param)))
   src = {path: v[...] for path, v in source_state.items()}
-  used, mapped, kept, missing, mismatched = set(), {}, [], [], []
+  origins, mapped, kept, missing, mismatched = {}, {}, [], [], []
   for path, variable in target.items():
     origin = path
     if origin not in src and len(path) >= 5 and path[-2:] == ("norm", "scale") and path[2:4] in _NORM_FROM_FP:
@@ -345,7 +345,8 @@ def init_from(model: Transformer, source: Transformer) -> dict:
     if tuple(src[origin].shape) != tuple(variable.shape):
       mismatched.append(f"{'/'.join(map(str, path))}: {tuple(src[origin].shape)} -> {tuple(variable.shape)}")
       continue
-    used.add(origin)
+    origins[path] = origin
+  used = set(origins.values())
   unused = sorted("/".join(map(str, p)) for p in src if p not in used)
   problems = []
   if missing:
@@ -357,13 +358,12 @@ def init_from(model: Transformer, source: Transformer) -> dict:
   if problems:
     raise ValueError("init_from: the source model does not fit this config (set config.model to the source's "
                      "sizes): " + "; ".join(problems))
-  for path, variable in target.items():
-    origin = path if path in src else path[:2] + (_NORM_FROM_FP.get(path[2:4], ""), "scale")
-    if origin in src:
-      value = jnp.asarray(src[origin], variable[...].dtype)
-      sharding_ = getattr(variable[...], "sharding", None)
-      variable[...] = jax.device_put(value, sharding_) if sharding_ is not None else value
-  return {"copied": len(target) - len(kept), "kept_init": kept, "mapped": mapped}
+  for path, origin in origins.items():
+    variable = target[path]
+    value = jnp.asarray(src[origin], variable[...].dtype)
+    sharding_ = getattr(variable[...], "sharding", None)
+    variable[...] = jax.device_put(value, sharding_) if sharding_ is not None else value
+  return {"copied": len(origins), "kept_init": kept, "mapped": mapped}
 
 
 def load_checkpoint(workdir: str | os.PathLike, config: ml_collections.ConfigDict | None = None, *,
