@@ -1,6 +1,6 @@
 """experiments/lr_sweep: final loss against the peak learning rate, FP against BitNet b1.58 (train -> experiments).
 
-    .venv/bin/python experiments/lr_sweep.py                 # the default sweep: 14 runs, ~20 min on 2 idle CPU cores
+    .venv/bin/python experiments/lr_sweep.py                 # the default sweep: 20 runs, ~30 min on 2 idle CPU cores
     .venv/bin/python experiments/lr_sweep.py --smoke         # the same code path in well under a minute
     .venv/bin/python experiments/lr_sweep.py --variants fp b158 bitnet --lrs 1e-3 3e-3 1e-2 3e-2 1e-1
 
@@ -11,8 +11,8 @@ follows it: FAQ Table 2 (section "2. BitNet b1.58" of PAPERS.md) gives b1.58 a p
 at 700M, 6x higher.
 
 Trains one size of `experiments/scaling.py` (`--size`, default s1: d_model 64, 2 layers, 4 heads) per variant
-(`--variants`, default fp and b158; bitnet allowed) at each peak learning rate of `--lrs` (default 7 values, 2.5e-4 to
-1.6e-2 in factors of 2: 64x around the recipes' own 2.5e-4 (fp) and 1.5e-3 (b158)). Every run is
+(`--variants`, default fp and b158; bitnet allowed) at each peak learning rate of `--lrs` (default 10 values, 2.5e-4 to
+0.128 in factors of 2: 512x around the recipes' own 2.5e-4 (fp) and 1.5e-3 (b158)). Every run is
 `scaling.run_config` (the variant's `-small` recipe at this size and the scaling sweep's token budget, data order,
 seed and warmup) with only the learning rate changed: the whole schedule is scaled by `lr / recipe lr` (the b158
 second-stage peak `lr2`, and fp's cosine end value 0.1 x lr, move with it; warmup length, weight decay coefficient,
@@ -63,7 +63,7 @@ def _load_scaling():
 
 scaling = _load_scaling()
 
-LRS = tuple(2.5e-4 * 2 ** k for k in range(7))        # 2.5e-4 ... 1.6e-2: 64x
+LRS = tuple(2.5e-4 * 2 ** k for k in range(10))       # 2.5e-4 ... 0.128: 512x
 SMOKE_LRS = (1e-3, 4e-3, 1.6e-2)
 DEFAULT_VARIANTS = ("fp", "b158")
 TOLERANCE = 0.02                                      # nats per byte: "as good as the best" within this

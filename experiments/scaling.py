@@ -3,7 +3,7 @@
     .venv/bin/python experiments/scaling.py                    # the default sweep, about 2 hours on 2 CPU cores
     .venv/bin/python experiments/scaling.py --smoke            # the same code path in under 2 minutes
 
-Trains every size in `SIZES` (6 sizes, about 37x in non-embedding parameters) in three variants (fp, bitnet,
+Trains every size in `SIZES` (6 sizes, about 57x in non-embedding parameters) in three variants (fp, bitnet,
 b158) on the embedded corpus (the standard library's source, byte level) through `train.train_and_evaluate`,
 with the same data order, seed and token budget for every run: a fixed number of training tokens per run
 (`--tokens`), so the curves are L(N) at fixed data, not compute-optimal ones. Each run lives in
@@ -46,12 +46,12 @@ from configs import lm  # noqa: E402
 VARIANTS = ("fp", "bitnet", "b158")
 # name: (d_model, n_layers, n_heads)
 SIZES = {
+    "s0": (48, 2, 4),
     "s1": (64, 2, 4),
     "s2": (96, 3, 4),
     "s3": (128, 3, 4),
     "s4": (192, 4, 4),
     "s5": (256, 4, 4),
-    "s6": (288, 4, 4),
 }
 SMOKE_SIZES = {"s1": (32, 1, 2), "s2": (48, 1, 2), "s3": (64, 2, 4)}
 SEQ_LEN, BATCH = 128, 16

@@ -22,7 +22,7 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parent.parent
 COLAB = ROOT / "colab"
-NOTEBOOKS = ("01_quantizers", "02_train_bitnet_vs_fp", "04_sharding")
+NOTEBOOKS = ("01_quantizers", "02_train_bitnet_vs_fp", "03_scaling_and_energy", "04_sharding")
 CELL_TIMEOUT_S = 300   # one cell; the shrunken notebooks take about a minute in all on 2 CPU cores
 
 
