@@ -127,9 +127,9 @@ def test_sigkill_at_an_arbitrary_step_then_resume_is_bitwise_exact(tmp_path):
 def test_non_finite_loss_stops_without_checkpointing_the_bad_state(tmp_path, monkeypatch):
   real_step, calls = train.train_step, {"n": 0}
 
-  def poisoned(model, optimizer, batch):
+  def poisoned(model, optimizer, batch, **kwargs):
     calls["n"] += 1
-    loss, grad_norm, lr = real_step(model, optimizer, batch)
+    loss, grad_norm, lr = real_step(model, optimizer, batch, **kwargs)
     return (jnp.float32(jnp.nan) if calls["n"] == 6 else loss), grad_norm, lr
 
   monkeypatch.setattr(train, "train_step", poisoned)
