@@ -26,6 +26,7 @@ import dataclasses
 import math
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,9 @@ from flax import nnx
 from bitnet_jax import kernels, kv_cache, packing, quant
 from bitnet_jax.layers import WEIGHT_CODES, BitLinear
 from bitnet_jax.model import Transformer
+
+if TYPE_CHECKING:
+  from bitnet_jax.tokenizer import Tokenizer
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -238,8 +242,16 @@ def greedy(model: Transformer, prompt_tokens, max_new_tokens: int, *, kv_dtype: 
 
 
 # --------------------------------------------------------------------------------------------------------------
-# CLI.
+# Loading a run, and the CLI.
 # --------------------------------------------------------------------------------------------------------------
+def load_run(workdir, *, step: int | None = None) -> tuple[Transformer, Tokenizer]:
+  """(model, tokenizer) of a training run: its checkpoint at `step` (default the latest) and the tokenizer its
+  config names. FileNotFoundError names a directory that is not a run or has no such checkpoint."""
+  from bitnet_jax import tokenizer, train   # loading alone needs train (orbax, grain) and the tokenizer files
+  model, config = train.load_checkpoint(workdir, step=step)
+  return model, tokenizer.make_tokenizer(config.data.get("tokenizer", "byte"))
+
+
 def main(argv: list[str] | None = None) -> str:
   """Loads a run's latest checkpoint, prints the continuation of --prompt and the decoding speed; returns the
   text. A missing run or checkpoint, or bad arguments, end the process with a one-line message."""
@@ -253,13 +265,11 @@ def main(argv: list[str] | None = None) -> str:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--kv_cache", default="bfloat16", choices=kv_cache.KV_KINDS, help="KV cache storage")
   args = parser.parse_args(argv)
-  from absl import logging   # the CLI alone needs train (orbax, grain) and the tokenizer files
-  from bitnet_jax import tokenizer, train
+  from absl import logging
   logging.set_verbosity(logging.WARNING)   # orbax logs every restore at INFO
 
   try:
-    model, config = train.load_checkpoint(args.workdir)
-    tok = tokenizer.make_tokenizer(config.data.get("tokenizer", "byte"))
+    model, tok = load_run(args.workdir)
     prompt = np.asarray(tok.encode(args.prompt), np.int32)[None]
     run = lambda: jax.block_until_ready(generate(
         model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
