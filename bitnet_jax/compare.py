@@ -6,7 +6,7 @@ Trains each variant of the same size on the embedded corpus (the standard librar
 `train.train_and_evaluate`, each in `WORKDIR/<variant>` (resumable; a finished run is only re-evaluated), then
 prints a table (eval loss, perplexity, tokens/s, weight memory as trained and packed), writes
 `WORKDIR/loss_curves.png`, and prints a greedy sample from each model (its latest checkpoint, reloaded with
-`train.load_checkpoint` and decoded by `generate.greedy` with a KV cache).
+`generate.load_run` and decoded by `generate.greedy` with a KV cache).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bitnet_jax import generate, tokenizer, train  # noqa: E402
+from bitnet_jax import generate, train  # noqa: E402
 
 
 def _load_config(name: str, steps: int | None):
@@ -40,8 +40,7 @@ def _load_config(name: str, steps: int | None):
 
 def sample(run_dir: Path, n_tokens: int, prompt: str = "def ") -> str:
   """A greedy continuation of `prompt` by the latest checkpoint in `run_dir`, decoded with the run's tokenizer."""
-  model, config = train.load_checkpoint(run_dir)
-  tok = tokenizer.make_tokenizer(config.data.get("tokenizer", "byte"))
+  model, tok = generate.load_run(run_dir)
   out = generate.greedy(model, jnp.asarray(tok.encode(prompt), jnp.int32)[None], n_tokens)
   return tok.decode(np.asarray(out[0]))
 
