@@ -110,6 +110,11 @@ def tensor_names(cfg: ModelConfig) -> list[str]:
   return names
 
 
+def _block(pure: dict, i: int) -> dict:
+  """Block i of a pure state dict (nnx.List indices may be ints or strings)."""
+  return pure["blocks"][i] if i in pure["blocks"] else pure["blocks"][str(i)]
+
+
 def _gain(block: dict, path: tuple[str, ...], width: int | None = None) -> np.ndarray:
   """The array at `path`; a BitLinear norm without a gain (`linear_norm_scale=False`) gives ones of `width`."""
   for k in path:
@@ -136,7 +141,7 @@ def _float_tensors(cfg: ModelConfig, pure: dict, layout: str, atol: float) -> di
   """Norm gains (and the embedding) by GGUF name."""
   out = {"token_embd.weight": _gain(pure, ("embed",)), "output_norm.weight": _gain(pure, ("final_norm", "scale"))}
   for i in range(cfg.n_layers):
-    block, b = pure["blocks"][i] if i in pure["blocks"] else pure["blocks"][str(i)], f"blk.{i}."
+    block, b = _block(pure, i), f"blk.{i}."
     if layout == "2b4t":
       out[b + "attn_norm.weight"] = _gain(block, ("attn_norm", "scale"))
       out[b + "attn_sub_norm.weight"] = _gain(block, ("attn", "sub_norm", "scale"))
@@ -242,7 +247,7 @@ def export(model: Transformer, path: str | os.PathLike, *, ftype: str = "TQ2_0",
            "F16": gguf.GGMLQuantizationType.F16}[ftype]
   linears = []   # (gguf name, codes [out, in] int8, scale)
   for i in range(cfg.n_layers):
-    block = pure["blocks"][i] if i in pure["blocks"] else pure["blocks"][str(i)]
+    block = _block(pure, i)
     for group, table in (("attn", _ATTN), ("ffn", _FFN)):
       for ours, theirs in table:
         kernel = block[group][ours]["kernel"]                  # [in, out] float latent
