@@ -74,6 +74,7 @@ def test_metadata_has_the_keys_llama_cpp_needs(tmp_path):
   fields = gguf_pkg.GGUFReader(str(tmp_path / "m.gguf")).fields
   value = lambda key: fields[key].contents()
   assert value("general.architecture") == "bitnet"
+  assert value("general.name") == "bitnet_jax"
   cfg = model.cfg
   expected = {"context_length": cfg.max_seq_len, "embedding_length": 256, "block_count": 2, "feed_forward_length": 256,
               "attention.head_count": 4, "attention.head_count_kv": 2}

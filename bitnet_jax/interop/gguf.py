@@ -252,12 +252,12 @@ def export(model: Transformer, path: str | os.PathLike, *, ftype: str = "TQ2_0",
       for ours, theirs in table:
         kernel = block[group][ours]["kernel"]                  # [in, out] float latent
         codes, scale = quant.ternary_codes(kernel)
-        name = f"blk.{i}.{theirs}"
+        tensor = f"blk.{i}.{theirs}"   # not `name`: that is the model name written to general.name
         n_in = kernel.shape[0]
         if ftype != "F16" and n_in % QK_K:
-          raise ValueError(f"gguf.export: {name} has {n_in} input features per row; {ftype} stores rows in blocks "
-                           f"of {QK_K}, so it needs a multiple of {QK_K} (use ftype='F16' for this model)")
-        linears.append((name, np.asarray(codes).T.copy(), float(np.asarray(scale).reshape(()))))
+          raise ValueError(f"gguf.export: {tensor} has {n_in} input features per row; {ftype} stores rows in "
+                           f"blocks of {QK_K}, so it needs a multiple of {QK_K} (use ftype='F16' for this model)")
+        linears.append((tensor, np.asarray(codes).T.copy(), float(np.asarray(scale).reshape(()))))
 
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
