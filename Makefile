@@ -19,7 +19,7 @@ train: $(STAMP)
 	$(PY) -m bitnet_jax.compare --workdir=runs/quickstart
 
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=40 tests
+	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadfile --durations=40 tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -2,6 +2,8 @@
 
     python benchmarks/decode.py                        # small config (CPU default, under ~2 min on 2 cores)
     python benchmarks/decode.py --device-config 3b     # the b1.58 FAQ's 3B config (b158-3b vs llama-3b), GPU
+    python benchmarks/decode.py --layers-form both     # blocks unrolled against stacked (one lax.scan)
+    python benchmarks/decode.py --device-config 3b --compile-only --layers-form both   # compile time, no weights
 
 Each timed call is one `generate.generate` (greedy, bfloat16 KV cache): a prefill of `--prompt` tokens, then
 `--new-tokens` single-token decode steps in a `lax.fori_loop`. tokens/s = batch * new tokens / median call time
@@ -14,7 +16,14 @@ weight: the cost of b158's activation quantisation and extra norms alone) and "p
 activations through `kernels.matmul`: the Pallas kernel on GPU/TPU, the XLA unpack-then-dot on CPU), the
 deployed form the b1.58 paper's latency figures assume. Every (model, batch) is timed round-robin after a
 warm-up call each, so drifting load on a shared machine hits all alike (3B: fp and b158 dense in bfloat16,
-about 13 GB, and b158 packed, about 1.5 GB with its 16-bit embeddings).
+about 13 GB, and b158 packed, about 1.5 GB with its 16-bit embeddings). The first call's time, compilation
+included, is printed too.
+
+--layers-form: "unrolled" (the blocks one after another in the program), "stacked" (stored stacked once and run
+as one `lax.scan` over a stacked KV cache, `generate.inference_form(layers="stacked")`), or "both", timed
+side by side. --compile-only lowers and compiles the generate program ahead of time from abstract shapes
+(`nnx.eval_shape`: no weights are made), and prints the compile seconds per model: how long a full-depth
+decoder takes to compile, on any machine.
 """
 
 from __future__ import annotations
@@ -43,18 +52,34 @@ CONFIGS = {
 }
 
 
-def make_models(spec, dtype: str | None, forms: tuple[str, ...], **overrides) -> dict[str, Transformer]:
-  """A random-weight model (created inside one jit) in each inference form of `forms`; the latent float32
-  weights are dropped once the forms are made."""
-  cfg = preset(spec, dtype=dtype, **overrides) if isinstance(spec, str) else ModelConfig(**spec, dtype=dtype,
-                                                                                          **overrides)
+def make_config(spec, dtype: str | None, **overrides) -> ModelConfig:
+  return preset(spec, dtype=dtype, **overrides) if isinstance(spec, str) else ModelConfig(**spec, dtype=dtype,
+                                                                                           **overrides)
+
+
+def make_models(cfg: ModelConfig, forms: tuple[tuple[str, str], ...], abstract: bool = False) -> dict:
+  """A random-weight model (created inside one jit) in each inference form (weights, layers) of `forms`; the
+  latent float32 weights are dropped once the forms are made. abstract: shapes only (`nnx.eval_shape`)."""
+  if abstract:
+    return {form: nnx.eval_shape(lambda form=form: generate.inference_form(
+        Transformer(cfg, rngs=nnx.Rngs(0)), *form)) for form in forms}
   model = nnx.jit(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))()
-  return {form: generate.inference_form(model, form) for form in forms}
+  return {form: generate.inference_form(model, *form) for form in forms}
+
+
+def compile_seconds(model, batch: int, prompt: int, new_tokens: int, kv_cache: str) -> float:
+  """Seconds to lower and compile `generate`'s program for an abstract model (ahead of time, no execution)."""
+  graphdef, state = nnx.split(model)
+  program = jax.jit(lambda state, prompt, seed: generate.generate_program(
+      nnx.merge(graphdef, state), prompt, seed, new_tokens, kv_cache, generate.Sampler()))
+  t0 = time.perf_counter()
+  program.lower(state, jax.ShapeDtypeStruct((batch, prompt), jnp.int32),
+                jax.ShapeDtypeStruct((), jnp.int32)).compile()
+  return time.perf_counter() - t0
 
 
 def median_times(fns: dict, repeats: int) -> dict:
-  for fn in fns.values():   # warm-up: compilation
-    fn()
+  """Median seconds per call of each (already compiled) fn, timed round-robin."""
   times = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
@@ -74,6 +99,10 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--repeats", type=int, default=None, help="default: 5 (small), 10 (3b)")
   parser.add_argument("--kv-cache", default="bfloat16")
   parser.add_argument("--layers", type=int, default=None, help="override the config's depth (a quick check)")
+  parser.add_argument("--layers-form", default="unrolled", choices=("unrolled", "stacked", "both"),
+                      help="blocks unrolled in the program, stacked and scanned, or both side by side")
+  parser.add_argument("--compile-only", action="store_true",
+                      help="only compile the generate programs from abstract shapes and print the seconds")
   args = parser.parse_args(argv)
   accelerator = jax.default_backend() != "cpu"
   name = args.device_config or ("3b" if accelerator else "small")
@@ -82,37 +111,60 @@ def main(argv: list[str] | None = None) -> dict:
   dtype = None   # bfloat16 on accelerators, float32 on CPU (ModelConfig.compute_dtype)
   batches = [int(b) for b in args.batches.split(",")]
 
-  params, fns, tokens = {}, {}, {}
+  layer_forms = ("unrolled", "stacked") if args.layers_form == "both" else (args.layers_form,)
+  params, fns, tokens, first = {}, {}, {}, {}
   for variant, spec in CONFIGS[name].items():
-    forms = ("dense",) if variant == "fp" else ("dense", "packed")
-    for form, model in make_models(spec, dtype, forms, **({"n_layers": args.layers} if args.layers else {})).items():
-      params[variant] = count_params(model.cfg)["total"]
+    weights = ("dense",) if variant == "fp" else ("dense", "packed")
+    cfg = make_config(spec, dtype, **({"n_layers": args.layers} if args.layers else {}))
+    params[variant] = count_params(cfg)["total"]
+    models = make_models(cfg, tuple((w, lf) for w in weights for lf in layer_forms), abstract=args.compile_only)
+    for (form, layers), model in models.items():
+      label = f"{variant} {form}" + (f" {layers}" if len(layer_forms) > 1 else "")
       for b in batches:
+        if args.compile_only:
+          first[label, b] = compile_seconds(model, b, args.prompt, new_tokens, args.kv_cache)
+          print(f"compiled {label} batch {b} in {first[label, b]:.1f} s", flush=True)
+          continue
         prompt = jax.random.randint(jax.random.key(b), (b, args.prompt), 0, model.cfg.vocab_size, jnp.int32)
-        fns[f"{variant} {form}", b] = (lambda m=model, p=prompt: jax.block_until_ready(
+        fns[label, b] = (lambda m=model, p=prompt: jax.block_until_ready(
             generate.generate(m, p, new_tokens, kv_dtype=args.kv_cache)))
-        if b == batches[0]:   # the packed and dense b158 forms must decode the same tokens (greedy)
-          tokens[f"{variant} {form}"] = fns[f"{variant} {form}", b]()
-  results = median_times(fns, repeats)
+        t0 = time.perf_counter()
+        out = fns[label, b]()   # compiles
+        first[label, b] = time.perf_counter() - t0
+        if b == batches[0]:   # every b158 form must decode the same tokens (greedy)
+          tokens[label] = out
+  results = {} if args.compile_only else median_times(fns, repeats)
 
   depth = f" with {args.layers} layers" if args.layers else ""
   sizes = ", ".join(f"{v} {params[v] / 1e6:.1f}M params" for v in params)
-  print(f"device: {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}), jax "
-        f"{jax.__version__}; config {name}{depth} ({sizes}); "
-        f"prompt {args.prompt}, {new_tokens} new tokens, {args.kv_cache} KV cache, greedy; median of {repeats} "
-        f"calls after compilation, prefill included\n")
-  print("| batch | model | tokens/s | ms/step | speedup vs fp |")
-  print("|---|---|---|---|---|")
+  head = (f"device: {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}), jax "
+          f"{jax.__version__}; config {name}{depth} ({sizes}); prompt {args.prompt}, {new_tokens} new tokens, "
+          f"{args.kv_cache} KV cache, greedy")
+  labels = list(dict.fromkeys(label for label, _ in first))
+  fp = {lf: next(lab for lab in labels if lab.startswith("fp") and lab.endswith(lf)) for lf in layer_forms}
+  base = lambda label: fp[next(lf for lf in layer_forms if label.endswith(lf))]   # fp of the same layer form
+  if args.compile_only:
+    print(f"{head}; ahead-of-time compile of the generate program (abstract shapes)\n")
+    print("| batch | model | compile s |")
+    print("|---|---|---|")
+    for b in batches:
+      for label in labels:
+        print(f"| {b} | {label} | {first[label, b]:.1f} |")
+    return {f"{label}/{b}": t for (label, b), t in first.items()}
+  print(f"{head}; median of {repeats} calls after compilation, prefill included\n")
+  print("| batch | model | tokens/s | ms/step | speedup vs fp | first call s |")
+  print("|---|---|---|---|---|---|")
   for b in batches:
-    for key in ("fp dense", "b158 dense", "b158 packed"):
-      t = results[key, b]
-      print(f"| {b} | {key} | {b * new_tokens / t:.0f} | {t / new_tokens * 1e3:.2f} | "
-            f"{results['fp dense', b] / t:.2f}x |")
-  agree = float(jnp.mean(tokens["b158 dense"] == tokens["b158 packed"]))
-  print(f"\n# b158 packed vs dense, batch {batches[0]}: {agree:.1%} of greedy tokens equal (random weights; "
-        f"int8 x 2-bit integer sums against the de-quantised float dot, equal up to float32 rounding)")
-  return {f"{v}/{b}": t for (v, b), t in results.items()}
-
+    for label in labels:
+      t = results[label, b]
+      print(f"| {b} | {label} | {b * new_tokens / t:.0f} | {t / new_tokens * 1e3:.2f} | "
+            f"{results[base(label), b] / t:.2f}x | {first[label, b]:.1f} |")
+  b158 = [label for label in labels if label.startswith("b158")]
+  for label in b158[1:]:
+    agree = float(jnp.mean(tokens[b158[0]] == tokens[label]))
+    print(f"# {label} vs {b158[0]}, batch {batches[0]}: {agree:.1%} of greedy tokens equal (random weights; "
+          f"packed: int8 x 2-bit integer sums against the de-quantised float dot, equal up to float32 rounding)")
+  return {f"{label}/{b}": t for (label, b), t in results.items()}
 
 if __name__ == "__main__":
   main()

@@ -22,6 +22,13 @@ absmax per token per head over the head dimension, the b1.58 activation quantise
 float32. With absmax scaling the codes never reach -q - 1, so 4-bit codes use 15 of their 16 levels.
 4-bit packing: feature 2j is the low nibble and feature 2j + 1 the high nibble of byte j, two's complement.
 
+Layouts: per layer (`KVCache.layers` holds one `LayerKV` per layer, for the unrolled blocks) or stacked
+(`stacked=True`: one `LayerKV` whose arrays carry a leading layer axis, [n_layers, B, L, K, Dh], for the blocks of
+an inference form stored stacked, `Transformer.stack_layers`). A scanned decode step carries the stacked arrays
+through its `lax.scan` over layers and hands block i the view `stack.replace(index=i)`: `write` updates only the new
+tokens' positions of layer i in place (a `dynamic_update_slice` into the carried buffer) and `read` takes
+layer i's slice, so a step copies no layer's cache and the compiled program holds one block body.
+
 `fake_quant(x, kind)` rounds a tensor exactly as a cache of that kind stores and reads it (same functions,
 straight-through gradient); `ModelConfig.kv_quant` applies it to K and V in the full forward, so the loss with a
 quantised KV cache can be measured teacher-forced, and cached decoding with kind X computes the function of the
@@ -101,12 +108,16 @@ def fake_quant(x: jax.Array, kind: str) -> jax.Array:
 @struct.dataclass
 class LayerKV:
   """One layer's cache. k, v: [B, L, K, Dh] (int4: uint8 [B, L, K, Dh / 2]); scales [B, L, K, 1] float32 for the
-  integer kinds, None for the float ones."""
+  integer kinds, None for the float ones.
+
+  A view of a stacked cache (`index` set, a layer number): the arrays hold every layer, [n_layers, B, L,
+  ...], and `write` / `read` act on layer `index` alone."""
   k: jax.Array
   v: jax.Array
   k_scale: jax.Array | None
   v_scale: jax.Array | None
   kind: str = struct.field(pytree_node=False)
+  index: jax.Array | None = None
 
   def write(self, k_btkd: jax.Array, v_btkd: jax.Array, start: jax.Array) -> "LayerKV":
     """The cache with the new tokens' K and V [B, T, K, Dh] stored at positions start .. start + T - 1.
@@ -114,28 +125,44 @@ class LayerKV:
     `start + T` must not exceed the cache length (`dynamic_update_slice` would clamp the start and overwrite
     earlier positions): callers check it before tracing, as `generate` does."""
     (k, k_scale), (v, v_scale) = encode(k_btkd, self.kind), encode(v_btkd, self.kind)
-    put = lambda buf, new: None if buf is None else jax.lax.dynamic_update_slice_in_dim(buf, new, start, axis=1)
+    if self.index is None:
+      put = lambda buf, new: None if buf is None else jax.lax.dynamic_update_slice_in_dim(buf, new, start, axis=1)
+    else:   # into layer `index` of the stacked buffer, in place: [1, B, T, ...] at (index, 0, start, 0, 0)
+      zero = jnp.zeros((), jnp.int32)
+      put = lambda buf, new: None if buf is None else jax.lax.dynamic_update_slice(
+          buf, new[None].astype(buf.dtype), (jnp.asarray(self.index, jnp.int32), zero,
+                                             jnp.asarray(start, jnp.int32), zero, zero))
     return self.replace(k=put(self.k, k), v=put(self.v, v), k_scale=put(self.k_scale, k_scale),
                         v_scale=put(self.v_scale, v_scale))
 
   def read(self, dtype) -> tuple[jax.Array, jax.Array]:
     """K and V of every cache position, [B, L, K, Dh] in `dtype` (positions not yet written read as zeros)."""
-    return decode(self.k, self.k_scale, self.kind, dtype), decode(self.v, self.v_scale, self.kind, dtype)
+    take = ((lambda buf: buf) if self.index is None else
+            (lambda buf: None if buf is None else jax.lax.dynamic_index_in_dim(buf, self.index, keepdims=False)))
+    return (decode(take(self.k), take(self.k_scale), self.kind, dtype),
+            decode(take(self.v), take(self.v_scale), self.kind, dtype))
 
 
 @struct.dataclass
 class KVCache:
-  """Every layer's `LayerKV` and `pos`, an int32 scalar: positions written so far, the next token's position."""
+  """Every layer's `LayerKV` and `pos`, an int32 scalar: positions written so far, the next token's position.
+
+  `stacked`: `layers` is one LayerKV holding every layer along a leading axis (module docstring, Layouts)."""
   layers: tuple[LayerKV, ...]
   pos: jax.Array
+  stacked: bool = struct.field(pytree_node=False, default=False)
 
   @property
   def kind(self) -> str:
     return self.layers[0].kind
 
   @property
+  def n_layers(self) -> int:
+    return self.layers[0].k.shape[0] if self.stacked else len(self.layers)
+
+  @property
   def max_len(self) -> int:
-    return self.layers[0].k.shape[1]
+    return self.layers[0].k.shape[2 if self.stacked else 1]
 
   @property
   def nbytes(self) -> int:
@@ -143,8 +170,9 @@ class KVCache:
 
 
 def init_cache(*, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
-               kind: str = "bfloat16") -> KVCache:
-  """An empty cache (zeros, pos = 0) of `kind` (`KV_KINDS`) for `max_len` positions."""
+               kind: str = "bfloat16", stacked: bool = False) -> KVCache:
+  """An empty cache (zeros, pos = 0) of `kind` (`KV_KINDS`) for `max_len` positions; `stacked`: one LayerKV
+  with a leading layer axis instead of one per layer (same bytes)."""
   _check_kind(kind, KV_KINDS, "kv cache kind")
   for name, value in (("n_layers", n_layers), ("batch", batch), ("max_len", max_len), ("n_kv_heads", n_kv_heads),
                       ("head_dim", head_dim)):
@@ -152,7 +180,8 @@ def init_cache(*, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head
       raise ValueError(f"init_cache: {name} must be a positive int, got {value!r}")
   if kind == "int4" and head_dim % 2:
     raise ValueError(f"init_cache: head_dim={head_dim} must be even to pack two 4-bit codes per byte")
-  shape = (batch, max_len, n_kv_heads, head_dim)
+  lead = (n_layers,) if stacked else ()
+  shape = (*lead, batch, max_len, n_kv_heads, head_dim)
 
   def layer() -> LayerKV:
     if kind in ("float32", "bfloat16"):
@@ -163,4 +192,5 @@ def init_cache(*, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head
     return LayerKV(k=jnp.zeros(codes, code_dtype), v=jnp.zeros(codes, code_dtype),
                    k_scale=jnp.zeros(scales, jnp.float32), v_scale=jnp.zeros(scales, jnp.float32), kind=kind)
 
-  return KVCache(layers=tuple(layer() for _ in range(n_layers)), pos=jnp.zeros((), jnp.int32))
+  layers = (layer(),) if stacked else tuple(layer() for _ in range(n_layers))
+  return KVCache(layers=layers, pos=jnp.zeros((), jnp.int32), stacked=stacked)

@@ -373,6 +373,7 @@ class Transformer(nnx.Module):
     self.embed = make_param(jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model), pdt) * cfg.init_std,
                             ("vocab", "embed"))
     self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+    self.layer_stack: Block | None = nnx.data(None)   # set by stack_layers (inference copies): all blocks in one
     self.final_norm = _norm(cfg, cfg.block_norm or cfg.linear_norm or "rms", cfg.d_model, "embed")
     self.head = None if cfg.tie_embeddings else make_param(
         jax.random.normal(rngs.params(), (cfg.d_model, cfg.vocab_size), pdt) * cfg.init_std, ("embed", "vocab"))
@@ -385,24 +386,54 @@ class Transformer(nnx.Module):
     x = self._embed(tokens_bt)                                                      # (B, T, D)
     positions = jnp.arange(T)                                                       # (T,)
     residual = (BATCH, LENGTH, "act_embed")
-    if cfg.scan_layers:
+    if cfg.scan_layers or self.layer_stack is not None:
       return self._logits(self._scan_blocks(x, positions))
     for block in self.blocks:
       x = logical_constraint(_run_block(block, logical_constraint(x, residual), positions, cfg.remat), residual)
     return self._logits(x)
 
+  def _stacked_blocks(self) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef of one block, the blocks' state with a leading layer axis): the stored stack
+    (`stack_layers`), or one built from the per-layer blocks, a transient copy of their weights."""
+    if self.layer_stack is not None:
+      return nnx.split(self.layer_stack)
+    graphdefs = {nnx.graphdef(b) for b in self.blocks}
+    if len(graphdefs) != 1:
+      raise ValueError("stacking the blocks needs every block to have the same structure "
+                       f"(found {len(graphdefs)} distinct ones)")
+    return graphdefs.pop(), jax.tree.map(lambda *leaves: jnp.stack(leaves), *[nnx.state(b) for b in self.blocks])
+
   def _scan_blocks(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     """The blocks as one `lax.scan` over their stacked parameters: the compiled program holds one block body,
-    so compile time no longer grows with depth. Parameters stay stored per layer (checkpoints, interop and
-    packing see the same tree); the stack is built inside the step, a transient copy of the block weights."""
+    so compile time no longer grows with depth. Training keeps the parameters stored per layer (checkpoints,
+    interop and packing see the same tree) and stacks them inside the step, a transient copy of the block
+    weights; an inference copy can store them stacked once (`stack_layers`)."""
     residual = (BATCH, LENGTH, "act_embed")
-    graphdef = nnx.graphdef(self.blocks[0])
-    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[nnx.state(b) for b in self.blocks])
+    graphdef, stacked = self._stacked_blocks()
 
     def body(h, state):
       h = _run_block(nnx.merge(graphdef, state), logical_constraint(h, residual), positions, self.cfg.remat)
       return logical_constraint(h, residual), None
     return jax.lax.scan(body, x, stacked)[0]
+
+  def stack_layers(self) -> "Transformer":
+    """In place, and returns self: the blocks stored as one Block whose parameters carry a leading layer axis
+    (`layer_stack`; `blocks` is emptied), which `__call__` and `decode` run as one `lax.scan`.
+
+    For inference copies (`generate.inference_form` with `ModelConfig.scan_layers`): a decode step then
+    compiles one block body whatever the depth, with no per-step copy of the weights into a stack and a
+    stacked KV cache (`init_cache` gives one) updated in place. Checkpoints, training and interop use the
+    per-layer storage, so a stacked model is not for them."""
+    if self.layer_stack is not None:
+      return self
+    graphdef, stacked = self._stacked_blocks()
+    for path, var in nnx.to_flat_state(stacked):   # the logical axes gain the (unsharded) layer axis
+      axes = var.get_metadata().get("out_sharding")
+      if axes is not None:
+        var.set_metadata(out_sharding=(None, *axes))
+    self.layer_stack = nnx.data(nnx.merge(graphdef, stacked))
+    self.blocks = nnx.List([])
+    return self
 
   def init_cache(self, batch: int, max_len: int | None = None, kind: str = "bfloat16") -> KVCache:
     """An empty KV cache for `batch` sequences of up to `max_len` (default max_seq_len) positions; `kind` is
@@ -412,7 +443,7 @@ class Transformer(nnx.Module):
     if not isinstance(max_len, int) or not 1 <= max_len <= cfg.max_seq_len:
       raise ValueError(f"init_cache: max_len must be an int in [1, max_seq_len={cfg.max_seq_len}], got {max_len!r}")
     return kv_cache.init_cache(n_layers=cfg.n_layers, batch=batch, max_len=max_len, n_kv_heads=cfg.n_kv_heads,
-                               head_dim=cfg.head_dim, kind=kind)
+                               head_dim=cfg.head_dim, kind=kind, stacked=self.layer_stack is not None)
 
   def decode(self, tokens_bt: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
     """Continues the sequences in `cache`: tokens (B, T) at absolute positions cache.pos .. cache.pos + T - 1.
@@ -425,9 +456,26 @@ class Transformer(nnx.Module):
     T = tokens_bt.shape[1]
     if T > cache.max_len:
       raise ValueError(f"decode: {T} tokens do not fit a KV cache of max_len={cache.max_len}")
+    if cache.n_layers != self.cfg.n_layers:
+      raise ValueError(f"decode: the KV cache has {cache.n_layers} layers, the model {self.cfg.n_layers}")
+    if cache.stacked != (self.layer_stack is not None):
+      raise ValueError(f"decode: a {'stacked' if cache.stacked else 'per-layer'} KV cache for a model whose "
+                       f"blocks are {'stacked' if self.layer_stack is not None else 'per layer'}: make the cache "
+                       "with this model's init_cache")
     x = self._embed(tokens_bt)                                                      # (B, T, D)
     positions = cache.pos + jnp.arange(T, dtype=jnp.int32)                          # (T,) absolute
     residual = (BATCH, LENGTH, "act_embed")
+    if cache.stacked:   # one scan over the layers; the stacked K/V ride in the carry, updated in place
+      graphdef, stacked = nnx.split(self.layer_stack)
+
+      def body(carry, xs):
+        h, kv = carry
+        state, i = xs
+        h, kv = nnx.merge(graphdef, state)(logical_constraint(h, residual), positions, kv.replace(index=i))
+        return (h, kv.replace(index=None)), None
+
+      (x, kv), _ = jax.lax.scan(body, (x, cache.layers[0]), (stacked, jnp.arange(cache.n_layers)))
+      return self._logits(x), cache.replace(layers=(kv,), pos=cache.pos + T)
     layers = []
     for block, layer in zip(self.blocks, cache.layers):
       x, layer = block(logical_constraint(x, residual), positions, layer)

@@ -27,7 +27,7 @@ B, P, N = 2, 5, 12   # batch, prompt length, new tokens
 
 
 def _model(variant: str, **overrides) -> Transformer:
-  return Transformer(ModelConfig(**TINY, variant=variant, **overrides), rngs=nnx.Rngs(0))
+  return Transformer(ModelConfig(**{**TINY, **overrides}, variant=variant), rngs=nnx.Rngs(0))
 
 
 def _prompt(batch: int = B, length: int = P, seed: int = 1) -> jax.Array:
@@ -51,9 +51,9 @@ def _decode(model, tokens, cache):
 
 
 # ---------------------------------------------------------------- cached decoding == the full forward
-@pytest.mark.parametrize("variant", ["fp", "b158", "bitnet"])
-def test_cached_greedy_tokens_are_the_full_forward_argmax(variant):
-  model = _model(variant)
+@pytest.mark.parametrize("variant, scan", [("fp", False), ("b158", False), ("bitnet", False), ("b158", True)])
+def test_cached_greedy_tokens_are_the_full_forward_argmax(variant, scan):
+  model = _model(variant, scan_layers=scan)   # scan: decoded in the stacked form (one lax.scan over the layers)
   out = np.asarray(generate.generate(model, _prompt(), N, kv_dtype="float32"))
   assert out.shape == (B, P + N) and out.dtype == np.int32
   np.testing.assert_array_equal(out[:, :P], np.asarray(_prompt()))
@@ -123,6 +123,89 @@ def test_inference_form_choices_and_errors():
     generate.inference_form(_model("b158"), "int2")
   with pytest.raises(ValueError, match="symmetric quantised activations"):
     generate.PackedLinear(_model("fp").blocks[0].attn.q_proj)
+
+
+# ---------------------------------------------------------------- stacked blocks: one lax.scan over the layers
+def test_stacked_form_stores_every_block_once_with_a_layer_axis():
+  model = _model("b158", n_layers=3)
+  stacked = generate.inference_form(model, "dense", "stacked")
+  assert len(stacked.blocks) == 0 and len(model.blocks) == 3 and model.layer_stack is None
+  q = stacked.layer_stack.attn.q_proj.kernel
+  assert q.shape == (3, 64, 64) and q.get_metadata()["out_sharding"] == (None, "embed", "heads")
+  for i, block in enumerate(generate.inference_form(model, "dense").blocks):   # layer i is the unrolled block i
+    np.testing.assert_array_equal(np.asarray(q[...][i]), np.asarray(block.attn.q_proj.kernel[...]))
+  cache = stacked.init_cache(B, 16, "int4")
+  assert cache.stacked and cache.n_layers == 3 and cache.max_len == 16 and cache.layers[0].k.shape == (3, B, 16, 2, 8)
+  assert cache.nbytes == model.init_cache(B, 16, "int4").nbytes
+  assert generate.inference_form(stacked) is stacked
+  auto = generate.inference_form(_model("fp", scan_layers=True))   # "auto": stacked iff cfg.scan_layers
+  assert auto.layer_stack is not None and len(auto.blocks) == 0
+
+
+def test_a_stacked_cache_write_touches_only_its_layer_and_positions():
+  cache = kv_cache.init_cache(n_layers=3, batch=2, max_len=6, n_kv_heads=2, head_dim=4, kind="int8", stacked=True)
+  k = jax.random.normal(jax.random.key(0), (2, 2, 2, 4))
+  layer = jax.jit(lambda c, k: c.layers[0].replace(index=jnp.int32(1)).write(k, -k, jnp.int32(3)))(cache, k)
+  written = np.array(layer.k)
+  assert np.abs(written[1, :, 3:5]).sum() > 0
+  written[1, :, 3:5] = 0
+  assert not written.any()                                          # nothing else changed
+  got_k, got_v = layer.read(jnp.float32)                            # the view reads layer 1, [B, L, K, Dh]
+  ref_k, ref_v = kv_cache.init_cache(n_layers=1, batch=2, max_len=6, n_kv_heads=2, head_dim=4,
+                                     kind="int8").layers[0].write(k, -k, 3).read(jnp.float32)
+  np.testing.assert_array_equal(np.asarray(got_k), np.asarray(ref_k))
+  np.testing.assert_array_equal(np.asarray(got_v), np.asarray(ref_v))
+
+
+@pytest.mark.parametrize("variant, weights, kind", [("b158", "packed", "int4"), ("fp", "dense", "bfloat16")])
+def test_stacked_decoding_equals_the_unrolled_one(variant, weights, kind):
+  model = _model(variant, n_layers=3)
+  unrolled = generate.inference_form(model, weights, "unrolled")
+  stacked = generate.inference_form(model, weights, "stacked")
+  tokens = _prompt(length=P + N - 1, seed=7)
+  np.testing.assert_allclose(np.asarray(_forward(stacked, tokens)), np.asarray(_forward(unrolled, tokens)),
+                             rtol=0, atol=1e-5)
+  caches = [m.init_cache(B, P + N - 1, kind) for m in (unrolled, stacked)]
+  logits = [[], []]
+  for t0, t1 in [(0, P)] + [(t, t + 1) for t in range(P, P + 3)]:   # prefill, then single-token steps
+    for j, m in enumerate((unrolled, stacked)):
+      out, caches[j] = _decode(m, tokens[:, t0:t1], caches[j])
+      logits[j].append(np.asarray(out))
+  np.testing.assert_allclose(np.concatenate(logits[1], 1), np.concatenate(logits[0], 1), rtol=0, atol=1e-5)
+  for i in range(3):   # layer i of the stacked cache holds what the unrolled layer i holds
+    np.testing.assert_array_equal(np.asarray(caches[1].layers[0].k[i]), np.asarray(caches[0].layers[i].k))
+
+
+def test_the_stacked_packed_decoder_lowers_for_gpus_with_one_block_of_kernels_whatever_the_depth(monkeypatch):
+  """What a GPU compiles: the generate program lowered for CUDA (no GPU needed) holds a Triton kernel call per
+  packed linear per block in the program, so n_layers times more unrolled than stacked (a 26-layer 3B decoder:
+  2 x 26 x 7 = 364 kernels against 14)."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")   # kernels.matmul: the compiled Pallas kernel
+  counts = {}
+  for layers in ("unrolled", "stacked"):
+    cfg = ModelConfig(**{**TINY, "n_layers": 4, "d_model": 128}, variant="b158")
+    model = nnx.eval_shape(lambda: generate.inference_form(Transformer(cfg, rngs=nnx.Rngs(0)), "packed", layers))
+    graphdef, state = nnx.split(model)
+    program = jax.jit(lambda state, prompt: generate.generate_program(
+        nnx.merge(graphdef, state), prompt, jnp.int32(0), 4, "bfloat16", generate.Sampler()))
+    text = program.trace(state, jax.ShapeDtypeStruct((1, P), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
+    counts[layers] = text.count("xla.gpu.triton")
+  assert counts == {"unrolled": 2 * 4 * 7, "stacked": 2 * 7}, counts   # prefill + step; q, k, v, o, gate, up, down
+
+
+def test_stacked_and_per_layer_caches_and_forms_are_not_mixed():
+  unrolled = generate.inference_form(_model("b158"), "dense", "unrolled")
+  stacked = generate.inference_form(_model("b158"), "dense", "stacked")
+  with pytest.raises(ValueError, match="a stacked KV cache for a model whose blocks are per layer"):
+    _decode(unrolled, _prompt(), stacked.init_cache(B, 16))
+  with pytest.raises(ValueError, match="a per-layer KV cache for a model whose blocks are stacked"):
+    _decode(stacked, _prompt(), unrolled.init_cache(B, 16))
+  with pytest.raises(ValueError, match="the KV cache has 3 layers, the model 2"):
+    _decode(unrolled, _prompt(), _model("b158", n_layers=3).init_cache(B, 16))
+  with pytest.raises(ValueError, match="layers='unrolled' for a model whose blocks are already stacked"):
+    generate.inference_form(stacked, "dense", "unrolled")
+  with pytest.raises(ValueError, match="layers must be one of"):
+    generate.inference_form(_model("b158"), "dense", "scan")
 
 
 # ---------------------------------------------------------------- quantised caches
