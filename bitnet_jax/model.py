@@ -416,6 +416,13 @@ class Transformer(nnx.Module):
       return logical_constraint(h, residual), None
     return jax.lax.scan(body, x, stacked)[0]
 
+  def require_per_layer(self, what: str) -> None:
+    """ValueError naming `what` if the blocks are stored stacked (an inference copy): checkpoints, exports and
+    packing read the per-layer tree."""
+    if self.layer_stack is not None:
+      raise ValueError(f"{what}: this model's blocks are stacked (an inference copy, Transformer.stack_layers); "
+                       "pass the trained model, whose blocks are stored per layer")
+
   def stack_layers(self) -> "Transformer":
     """In place, and returns self: the blocks stored as one Block whose parameters carry a leading layer axis
     (`layer_stack`; `blocks` is emptied), which `__call__` and `decode` run as one `lax.scan`.

@@ -240,6 +240,8 @@ def quantize_for_inference(model: nnx.Module, fmt: str = "2bit", dense_dtype=jnp
   The embedding, head and norm gains stay 16-bit, as neither paper quantises them. Works under
   `jax.eval_shape` (then nothing is allocated).
   """
+  if hasattr(model, "require_per_layer"):
+    model.require_per_layer("quantize_for_inference")
   if fmt not in TERNARY_FORMATS:
     raise ValueError(f"quantize_for_inference: fmt={fmt!r} must be one of {TERNARY_FORMATS} (binary layers "
                      f"always use '1bit')")

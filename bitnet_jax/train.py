@@ -370,7 +370,8 @@ def load_checkpoint(workdir: str | os.PathLike, config: ml_collections.ConfigDic
                     step: int | None = None) -> tuple[Transformer, ml_collections.ConfigDict]:
   """(model, config) restored from a run's checkpoint onto the mesh of `config` (default: the run's own
   `config.json`, whose `mesh` may be edited first). Any mesh shape can read any checkpoint; the quantisation
-  groups are the ones the run trained with (they are part of the model's function).
+  groups are the ones the run trained with (they are part of the model's function). Only the model's arrays are
+  read (an orbax partial restore): the optimiser state, twice the parameters' bytes under Adam, stays on disk.
   """
   workdir = Path(workdir)
   directory = (workdir / "checkpoints").absolute()
@@ -387,12 +388,12 @@ def load_checkpoint(workdir: str | os.PathLike, config: ml_collections.ConfigDic
                               f"(steps there: {list(manager.all_steps())})")
     mesh, rules, model_cfg = setup_mesh(config)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-      model, optimizer = nnx.eval_shape(_model_and_optimizer(model_cfg, config.optim, config.train.steps))
+      model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
       concrete = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                 sharding=jax.sharding.NamedSharding(mesh, x.sharding.spec))
-      abstract = {name: jax.tree.map(concrete, nnx.to_pure_dict(nnx.state(m)))
-                  for name, m in (("model", model), ("optimizer", optimizer))}
-      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+      abstract = {"model": jax.tree.map(concrete, nnx.to_pure_dict(nnx.state(model)))}
+      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True)))
       graphdef, state = nnx.split(model)
       nnx.replace_by_pure_dict(state, restored.state["model"])
       return nnx.merge(graphdef, state), config

@@ -206,6 +206,9 @@ def test_stacked_and_per_layer_caches_and_forms_are_not_mixed():
     generate.inference_form(stacked, "dense", "unrolled")
   with pytest.raises(ValueError, match="layers must be one of"):
     generate.inference_form(_model("b158"), "dense", "scan")
+  from bitnet_jax import packing
+  with pytest.raises(ValueError, match="quantize_for_inference: this model's blocks are stacked"):
+    packing.quantize_for_inference(stacked)
 
 
 # ---------------------------------------------------------------- quantised caches

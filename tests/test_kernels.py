@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,6 +56,7 @@ CASES = [  # (lead shape, K, N, groups, group_axis, activations, kernel options)
     ((1,), 100, 36, 2, "out", "int8", dict(gemv=True)),             # CUDA-core rows, K padded
     ((5,), 128, 64, 4, "in", "int8", dict(gemv=True, block_k=16, k_steps=2)),   # 5 rows, input groups
     ((2,), 64, 70, 1, "out", jnp.float32, dict(gemv=True)),         # float rows
+    ((3,), 384, 40, 1, "out", "int8", dict(block_n=10, block_k=128, k_steps=1)),   # TPU tiles: all of P, 3 splits
 ]
 
 
@@ -101,6 +104,38 @@ def test_dispatcher_uses_xla_on_cpu_and_the_kernel_lowers_to_triton_for_gpus():
     assert "xla.gpu.triton" in text and "mosaic" not in text.lower(), act
 
 
+TPU_SHAPES = [(4096, 11008), (11008, 4096), (8192, 28672), (3200, 8640), (8640, 3200), (64, 48)]
+
+
+@pytest.mark.parametrize("k, n", TPU_SHAPES)
+def test_tpu_tiles_follow_mosaic_block_rules_and_never_pad_the_weight_columns(k, n):
+  tm = importlib.import_module("bitnet_jax.kernels.ternary_matmul")   # the module (the package exports the function)
+  p = -(-n // 4)
+  bn, bk, k_steps = tm._tpu_tiles(p, k, None, None, None)
+  steps = -(-k // bk)
+  assert p % bn == 0 and (bn % 128 == 0 or bn == p)               # lane blocks: 128-multiples or all of P
+  assert bk % 128 == 0 and steps % k_steps == 0                    # the x block (bm, k_steps * bk) is too
+  assert k_steps == 1 or k_steps * bk * bn <= tm.TPU_TILE_BYTES   # the weight tile fits the VMEM budget
+  if k % 128 == 0:
+    assert steps * bk == k                                         # K needs no padding either
+
+
+def test_the_kernel_lowers_to_mosaic_for_tpus(monkeypatch):
+  """Compiled (not interpreted) lowering for TPU with the TPU default tiles: a Mosaic custom call (never run on a
+  TPU here: the Mosaic compile itself and the speed are unchecked)."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  for k, n in TPU_SHAPES[:3]:
+    for act, x_scale in ((jnp.bfloat16, None), (jnp.int8, jnp.ones((1, 1)))):
+      x = jax.ShapeDtypeStruct((1, k), act)
+      w = jax.ShapeDtypeStruct((k, n // 4), jnp.uint8)
+      fn = jax.jit(lambda x, w: matmul(x, w, jnp.ones((1, 1)), n_out=n, x_scale=x_scale))
+      text = fn.trace(x, w).lower(lowering_platforms=("tpu",)).as_text()
+      assert "tpu_custom_call" in text and "triton" not in text, (k, n, act)
+  with pytest.raises(ValueError, match="gemv=True is a GPU"):
+    ternary_matmul(jnp.ones((1, 64), jnp.bfloat16), jnp.zeros((64, 4), jnp.uint8), jnp.ones((1, 1)), n_out=16,
+                   gemv=True)
+
+
 def test_block_grid_of_scales_and_one_dimensional_scales():
   """A (G_in, G_out) = (2, 4) grid (FSDP x tensor groups), and G scales given as a vector with group_axis."""
   rng = np.random.default_rng(11)
@@ -134,5 +169,7 @@ def test_bad_arguments_raise_value_error():
     matmul(xc, packed, jnp.ones((1, 5)), n_out=48, x_scale=xs)
   with pytest.raises(ValueError, match="not grouped along the 'in' axis"):
     matmul(xc, packed, scales, n_out=48, x_scale=xs, group_axis="in")
-  with pytest.raises(ValueError, match="block_k=24"):
-    ternary_matmul(xc, packed, scales, n_out=48, x_scale=xs, block_k=24, interpret=True)
+  with pytest.raises(ValueError, match="block_k=24 must be a power of two for the Triton"):   # checked, not compiled
+    ternary_matmul(xc, packed, scales, n_out=48, x_scale=xs, block_k=24, interpret=False)
+  with pytest.raises(ValueError, match="block_n=-4 must be a positive int"):
+    ternary_matmul(xc, packed, scales, n_out=48, x_scale=xs, block_n=-4, interpret=True)

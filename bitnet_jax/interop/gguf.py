@@ -240,6 +240,7 @@ def export(model: Transformer, path: str | os.PathLike, *, ftype: str = "TQ2_0",
   if embedding_type not in ("F16", "F32"):
     raise ValueError(f"gguf.export: embedding_type={embedding_type!r} must be 'F16' or 'F32'")
   cfg = model.cfg
+  model.require_per_layer("gguf.export")
   layout = _layout(cfg)
   pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   floats = _float_tensors(cfg, pure, layout, norm_atol)

@@ -428,6 +428,7 @@ def save(model: Transformer, path: str | Path, *, form: str | None = None, dtype
   `tokenizer` (an HFTokenizer) is copied in as tokenizer.json and sets bos/eos_token_id.
   """
   cfg = model.cfg
+  model.require_per_layer("hf.save")
   if dtype not in ("float32", "bfloat16", "float16"):
     raise ValueError(f"hf.save: dtype={dtype!r} must be 'float32', 'bfloat16' or 'float16'")
   if tokenizer is not None and not isinstance(tokenizer, HFTokenizer):

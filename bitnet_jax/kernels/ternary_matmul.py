@@ -23,9 +23,9 @@ wrapper (padded weight bytes decode to code 0), which copies the weights in ever
 padded instead.
 
 Tested on CPU (`tests/test_kernels.py`): values in interpret mode, and that the compiled form lowers for CUDA to
-a Triton call. Compiled and timed on an H100 (`benchmarks/matvec.py`, `benchmarks/results/h100.md`): equal to
+a Triton call and for TPU to a Mosaic call (`_tpu_tiles`: (8, 128)-aligned blocks, never padding P). Compiled and timed on an H100 (`benchmarks/matvec.py`, `benchmarks/results/h100.md`): equal to
 the XLA path, 1.05-1.77x faster than XLA's bf16 dot at batch 1 with int8 activations; decode-bound, not
-memory-bound. TPU/Mosaic lowering is not exercised without the hardware.
+memory-bound. Never run on a TPU: the Mosaic lowering is checked, not the Mosaic compile or the speed.
 """
 
 from __future__ import annotations
@@ -43,12 +43,20 @@ try:   # Triton's compiler parameters; passing them selects the Triton backend (
   from jax.experimental.pallas import triton as pltriton
 except ImportError:   # pragma: no cover - a jax without the Triton backend
   pltriton = None
+try:   # Mosaic TPU's compiler parameters (dimension semantics)
+  from jax.experimental.pallas import tpu as pltpu
+except ImportError:   # pragma: no cover
+  pltpu = None
 
 ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
 PROGRAMS = 264             # programs to aim for when splitting K: two per SM of an H100 (132 SMs)
 # Default tiles, from `benchmarks/matvec.py --sweep` on an H100 (int8 activations, batch 1 and 16): 32 packed
 # byte columns (128 outputs) by 128 K rows, 4 warps, 2 stages was the fastest or within 10% on all three shapes.
 BLOCK_N, BLOCK_K = 32, 128
+# Mosaic TPU: a block's last two dimensions must be multiples of (8, 128) or the whole array dimension. The grid
+# runs in sequence on a TensorCore, so a program holds as much of K as its weight tile allows (`_tpu_tiles`).
+TPU_BLOCKS = (512, 256, 128)
+TPU_TILE_BYTES = 4 << 20
 _ZERO_BYTE = 0b01010101   # four codes 0 (digit 1 in every bit pair): padding that adds nothing
 
 
@@ -142,10 +150,26 @@ def _default_block(n: int, cap: int) -> int:
 
 
 def _compiler_params(interpret: bool, num_warps: int, num_stages: int):
-  """Triton parameters for a compiled GPU kernel (they also select the Triton backend); None otherwise."""
-  if interpret or pltriton is None or jax.default_backend() == "tpu":
+  """Triton parameters for a compiled GPU kernel (they also select the Triton backend), Mosaic's for a TPU (every
+  grid axis parallel: no program revisits an output block); None in the interpreter."""
+  if interpret:
     return None
-  return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+  if jax.default_backend() == "tpu":
+    return None if pltpu is None else pltpu.CompilerParams(dimension_semantics=("parallel",) * 3)
+  return None if pltriton is None else pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _tpu_tiles(p: int, kgs: int, block_n, block_k, k_steps) -> tuple[int, int, int]:
+  """(block_n, block_k, k_steps) for Mosaic TPU: byte columns in blocks of 512, 256 or 128 that divide P, else
+  P whole (the weights are never padded along P); K steps of 512, 256 or 128 rows that divide the K rows of a
+  scale group where one does (else 128, padding K); as many K steps per program as keep the weight tile under
+  TPU_TILE_BYTES (the whole K range when it fits), the rest as K splits whose partial sums XLA adds."""
+  bn = block_n or next((b for b in TPU_BLOCKS if p % b == 0), p)
+  bk = block_k or next((b for b in TPU_BLOCKS if kgs % b == 0), TPU_BLOCKS[-1])
+  steps = -(-kgs // bk)
+  k_steps = k_steps or max(d for d in range(1, steps + 1)
+                           if steps % d == 0 and (d == 1 or d * bk * bn <= TPU_TILE_BYTES))
+  return bn, bk, k_steps
 
 
 def _check(x, packed_w, scales, n_out, groups, group_axis, x_scale) -> jax.Array:
@@ -198,7 +222,8 @@ def ternary_matmul(x: jax.Array, packed_w: jax.Array, scales: jax.Array, *, n_ou
     x_scale: activation scales, x.shape[:-1] + (Gx,) or broadcastable to it (Gx activation groups along K).
     interpret: run the kernel in the Pallas interpreter; None: only on CPU.
     block_m, block_n, block_k: rows of x, packed byte columns of w (4 * block_n outputs) and K rows per inner
-      step, all powers of two (>= 16 for Triton); k_steps: inner steps per program (K splits = K / (k_steps bk)).
+      step, powers of two (>= 16) for Triton; k_steps: inner steps per program (K splits = K / (k_steps bk)).
+      Defaults: `_default_block` and K splits towards PROGRAMS on GPU, `_tpu_tiles` on TPU.
     num_warps, num_stages: Triton launch parameters (GPU only).
     decode: how the kernel turns bytes into dot operands: "mask" (one integer operation per weight, the
       default) or "shift" (four); see `_kernel`. Both give the same sums (exactly, for int8 activations).
@@ -210,6 +235,9 @@ def ternary_matmul(x: jax.Array, packed_w: jax.Array, scales: jax.Array, *, n_ou
   grid = _check(x, packed_w, scales, n_out, groups, group_axis, x_scale)
   if interpret is None:
     interpret = jax.default_backend() not in ACCELERATORS
+  for name, b in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k), ("k_steps", k_steps)):
+    if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b < 1):
+      raise ValueError(f"{name}={b!r} must be a positive int")
   *lead, k = x.shape
   lead = tuple(lead)
   m, p = math.prod(lead), packed_w.shape[1]
@@ -219,8 +247,13 @@ def ternary_matmul(x: jax.Array, packed_w: jax.Array, scales: jax.Array, *, n_ou
   is_int = x.dtype == jnp.int8
   acc_dtype = jnp.int32 if is_int else jnp.float32
 
-  # Tiles: powers of two, >= 16 (Triton's dot); K splits chosen to give the GPU enough programs.
+  # Tiles: powers of two, >= 16 (Triton's dot); K splits chosen to give the GPU enough programs. TPU: `_tpu_tiles`.
   bm = 1 if gemv else (block_m or max(16, min(64, _pow2_at_least(m))))
+  tpu = not interpret and jax.default_backend() == "tpu"
+  if tpu:
+    if gemv:
+      raise ValueError("gemv=True is a GPU (CUDA-core) variant; the TPU kernel always uses the MXU dot")
+    block_n, block_k, k_steps = _tpu_tiles(p, kgs, block_n, block_k, k_steps)
   bn = block_n or _default_block(p, BLOCK_N)
   bk = None
   if block_k is None and k_steps is None:   # a smaller K block where it allows enough K splits without padding
@@ -231,14 +264,12 @@ def ternary_matmul(x: jax.Array, packed_w: jax.Array, scales: jax.Array, *, n_ou
   if decode not in ("mask", "shift"):
     raise ValueError(f"decode={decode!r} must be 'mask' or 'shift'")
   for name, b in (("block_m", bm), ("block_n", bn), ("block_k", bk)):
-    if b < 1 or b & (b - 1):
-      raise ValueError(f"{name}={b} must be a power of two")
+    if b & (b - 1) and not (interpret or tpu):   # Triton's tiles; Mosaic takes a whole P of any size
+      raise ValueError(f"{name}={b} must be a power of two for the Triton (GPU) kernel")
   mp, pp = -(-m // bm) * bm, -(-p // bn) * bn
   steps = -(-kgs // bk)                                                  # K chunks per group
   if k_steps is None:   # K splits towards PROGRAMS programs, dividing the K chunks: the weights are not padded
     k_steps = steps // _splits(steps, (mp // bm) * (pp // bn) * kg)
-  if not isinstance(k_steps, int) or k_steps < 1:
-    raise ValueError(f"k_steps must be a positive int, got {k_steps!r}")
   splits = -(-steps // k_steps)                                          # programs along K per group
   kgp = splits * k_steps * bk                                            # padded K rows per group
 
