@@ -112,7 +112,8 @@ def inference_form(model: Transformer, weights: str = "auto", layers: str = "aut
   elsewhere (on CPU the XLA unpack-then-dot is slower than the dense dot).
 
   layers="stacked": the blocks stored stacked (`Transformer.stack_layers`), so prefill and every decode step
-  run them as one `lax.scan` over a stacked KV cache: compile time independent of depth, no per-step copy.
+  run them as one `lax.scan` over a stacked KV cache: compile time independent of depth, the weights stacked
+  once here rather than in every call (XLA:CPU still copies each layer's slice out of the stack per step).
   "unrolled": one block after another in the program. "auto" (default): stacked iff `cfg.scan_layers`.
 
   Other parameters are shared with `model`, which is left unchanged. A model already in an inference form is

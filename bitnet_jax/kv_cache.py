@@ -25,9 +25,9 @@ float32. With absmax scaling the codes never reach -q - 1, so 4-bit codes use 15
 Layouts: per layer (`KVCache.layers` holds one `LayerKV` per layer, for the unrolled blocks) or stacked
 (`stacked=True`: one `LayerKV` whose arrays carry a leading layer axis, [n_layers, B, L, K, Dh], for the blocks of
 an inference form stored stacked, `Transformer.stack_layers`). A scanned decode step carries the stacked arrays
-through its `lax.scan` over layers and hands block i the view `stack.replace(index=i)`: `write` updates only the new
-tokens' positions of layer i in place (a `dynamic_update_slice` into the carried buffer) and `read` takes
-layer i's slice, so a step copies no layer's cache and the compiled program holds one block body.
+through its `lax.scan` over layers and hands block i the view `stack.replace(index=i)`: `write` updates only
+the new tokens' positions of layer i in place (a `dynamic_update_slice` into the carried buffer) and `read`
+takes layer i's slice (which XLA fuses into its de-quantisation), and the compiled program holds one block body.
 
 `fake_quant(x, kind)` rounds a tensor exactly as a cache of that kind stores and reads it (same functions,
 straight-through gradient); `ModelConfig.kv_quant` applies it to K and V in the full forward, so the loss with a

@@ -428,13 +428,13 @@ class Transformer(nnx.Module):
     (`layer_stack`; `blocks` is emptied), which `__call__` and `decode` run as one `lax.scan`.
 
     For inference copies (`generate.inference_form` with `ModelConfig.scan_layers`): a decode step then
-    compiles one block body whatever the depth, with no per-step copy of the weights into a stack and a
-    stacked KV cache (`init_cache` gives one) updated in place. Checkpoints, training and interop use the
-    per-layer storage, so a stacked model is not for them."""
+    compiles one block body whatever the depth, reading a stack built once (not in every step, as the training
+    scan does) and a stacked KV cache (`init_cache` gives one) updated in place. Checkpoints, training and
+    interop use the per-layer storage, so a stacked model is not for them (`require_per_layer`)."""
     if self.layer_stack is not None:
       return self
     graphdef, stacked = self._stacked_blocks()
-    for path, var in nnx.to_flat_state(stacked):   # the logical axes gain the (unsharded) layer axis
+    for _, var in nnx.to_flat_state(stacked):   # the logical axes gain the (unsharded) layer axis
       axes = var.get_metadata().get("out_sharding")
       if axes is not None:
         var.set_metadata(out_sharding=(None, *axes))

@@ -23,9 +23,10 @@ wrapper (padded weight bytes decode to code 0), which copies the weights in ever
 padded instead.
 
 Tested on CPU (`tests/test_kernels.py`): values in interpret mode, and that the compiled form lowers for CUDA to
-a Triton call and for TPU to a Mosaic call (`_tpu_tiles`: (8, 128)-aligned blocks, never padding P). Compiled and timed on an H100 (`benchmarks/matvec.py`, `benchmarks/results/h100.md`): equal to
-the XLA path, 1.05-1.77x faster than XLA's bf16 dot at batch 1 with int8 activations; decode-bound, not
-memory-bound. Never run on a TPU: the Mosaic lowering is checked, not the Mosaic compile or the speed.
+a Triton call and for TPU to a Mosaic call (`_tpu_tiles`: (8, 128)-aligned blocks, never padding P). Compiled
+and timed on an H100 (`benchmarks/matvec.py`, `benchmarks/results/h100.md`): equal to the XLA path, 1.05-1.77x
+faster than XLA's bf16 dot at batch 1 with int8 activations; decode-bound, not memory-bound. Never run on a
+TPU: the Mosaic lowering is checked, not the Mosaic compile or the speed.
 """
 
 from __future__ import annotations
