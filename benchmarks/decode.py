@@ -20,7 +20,8 @@ about 13 GB, and b158 packed, about 1.5 GB with its 16-bit embeddings). The firs
 included, is printed too.
 
 --layers-form: "unrolled" (the blocks one after another in the program), "stacked" (stored stacked once and run
-as one `lax.scan` over a stacked KV cache, `generate.inference_form(layers="stacked")`), or "both", timed
+as one `lax.scan` over a stacked KV cache, `generate.inference_form(layers="stacked")`; b158 packed reads each
+layer's codes in place from the stack, dense weights are sliced out of it per step), or "both", timed
 side by side. --compile-only lowers and compiles the generate program ahead of time from abstract shapes
 (`nnx.eval_shape`: no weights are made), and prints the compile seconds per model: how long a full-depth
 decoder takes to compile, on any machine.

@@ -11,6 +11,11 @@ HBM and not from L2 (H100 L2: 50 MB), and reports the median time per layer, the
 bytes read per layer / time: bf16 2 bytes per weight, 2-bit 0.25 bytes plus scales) and the speedup over the
 XLA bf16 matmul measured in the same run (round-robin over the paths, after warm-up calls).
 
+Two more rows run the layers as one `lax.scan` over a stack of the 2-bit weights [L, K, P], as the stacked
+decoder does (`generate.inference_form(layers="stacked")`): the kernel reading each layer in place
+(`ternary_matmul(..., layer=i)`), and XLA slicing each layer out of the stack for the kernel (a copy of its
+weights). Against "Pallas 2-bit int8" (one call per separate weight) they show what reading a stack costs.
+
 On CPU the Pallas kernel only runs in the interpreter, which says nothing about speed: it is not timed, only
 checked against the XLA path once.
 """
@@ -79,6 +84,24 @@ def _int8_matmul(x, w, n, kernel_options):
   return ternary_matmul(codes, w[0], w[1], n_out=n, x_scale=x_scale, **kernel_options)
 
 
+def scanned_layers(in_kernel: bool, n: int, kernel_options: dict):
+  """The layers as one `lax.scan`, as a stacked decoder runs them, int8 activations, outputs summed: the kernel
+  reading layer i of the stack in place (`layer=i`, in_kernel) or XLA slicing layer i out of the stack as the
+  scan's input (a copy of its weights per layer) and the kernel multiplying the copy."""
+  def run(x, stack):
+    codes, x_scale = quant.activation_codes(x)
+
+    def body(acc, xs):
+      if in_kernel:
+        y = ternary_matmul(codes, *stack, n_out=n, x_scale=x_scale, layer=xs, **kernel_options)
+      else:
+        y = ternary_matmul(codes, *xs, n_out=n, x_scale=x_scale, **kernel_options)
+      return acc + y, None
+    xs = jnp.arange(stack[0].shape[0]) if in_kernel else stack
+    return jax.lax.scan(body, jnp.zeros((x.shape[0], n), jnp.float32), xs)[0]
+  return jax.jit(run)
+
+
 SWEEP = [dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
          for bn in (32, 64, 128) for bk in (128, 256) for warps, stages in ((4, 2), (8, 3), (8, 4))]
 SWEEP_GEMV = [dict(gemv=True, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)   # batch 1 only
@@ -115,29 +138,36 @@ def main(argv=None) -> None:
   parser.add_argument("--num-warps", type=int, default=None, help="Triton warps per program (default 4)")
   parser.add_argument("--num-stages", type=int, default=None, help="Triton pipeline stages (default 2)")
   parser.add_argument("--sweep", action="store_true", help="time a grid of kernel options per shape and batch")
+  parser.add_argument("--interpret", action="store_true",
+                      help="run the kernel rows in the Pallas interpreter: checks this script end to end on a CPU "
+                           "(the times mean nothing)")
   args = parser.parse_args(argv)
   if args.layers < 8:
     parser.error(f"--layers={args.layers}: at least 8 copies are needed to stream weights from HBM")
 
   on_accelerator = jax.default_backend() in ACCELERATORS
   small = args.small or not on_accelerator
-  use_kernel = on_accelerator and not small
+  use_kernel = (on_accelerator and not small) or args.interpret
   shapes = args.shapes or (SMALL_SHAPES if small else FULL_SHAPES)
   repeats = args.repeats or (20 if small else 30)
   kernel_options = {k: v for k, v in dict(block_m=args.block_m, block_n=args.block_n, block_k=args.block_k,
                                           k_steps=args.k_steps, num_warps=args.num_warps,
                                           num_stages=args.num_stages).items() if v is not None}
+  if args.interpret:
+    kernel_options["interpret"] = True
 
   device = jax.devices()[0]
   print(f"# matvec: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
         f"python {platform.python_version()}; {args.layers} weight copies per call, median of {repeats} rounds")
-  if not use_kernel:
+  if args.interpret:
+    print("# --interpret: the kernel rows run in the Pallas interpreter; their times are not speed measurements")
+  elif not use_kernel:
     print("# XLA paths only: the Pallas kernel runs here only in interpret mode, which is not a speed "
           "measurement (it is checked for correctness below instead).")
   print("| K x N | batch | path | median us / layer | GB/s of weights | speedup vs bf16 |")
   print("|---|---|---|---|---|---|")
 
-  checks, sweeps = [], []
+  checks, sweeps, stack_checks = [], [], []
   for k, n in shapes:
     layers = make_layers(k, n, args.layers)
     bf16_w = [w for w, _, _ in layers]
@@ -145,7 +175,8 @@ def main(argv=None) -> None:
     jax.block_until_ready(layers)
     packed_bytes = k * -(-n // 4) + 4
     weight_bytes = {"XLA bf16": 2 * k * n, "XLA unpack+dot": packed_bytes, "Pallas 2-bit": packed_bytes,
-                    "Pallas 2-bit int8": packed_bytes, "Pallas 2-bit shift": packed_bytes}
+                    "Pallas 2-bit int8": packed_bytes, "Pallas 2-bit shift": packed_bytes,
+                    "scan: kernel reads the stack": packed_bytes, "scan: XLA slices the stack": packed_bytes}
     paths = {
         "XLA bf16": (stacked(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)), bf16_w),
         "XLA unpack+dot": (stacked(lambda x, w: reference_matmul(x, w[0], w[1], n_out=n)), packed_w),
@@ -156,12 +187,18 @@ def main(argv=None) -> None:
       paths["Pallas 2-bit int8"] = (stacked(lambda x, w: _int8_matmul(x, w, n, kernel_options)), packed_w)
       paths["Pallas 2-bit shift"] = (stacked(lambda x, w: ternary_matmul(x, w[0], w[1], n_out=n, **{
           **kernel_options, "decode": "shift"})), packed_w)
+      stack = (jnp.stack([p for p, _ in packed_w]), jnp.stack([s for _, s in packed_w]))   # [L, K, P], [L, 1, 1]
+      paths["scan: kernel reads the stack"] = (scanned_layers(True, n, kernel_options), stack)
+      paths["scan: XLA slices the stack"] = (scanned_layers(False, n, kernel_options), stack)
     for batch in args.batches:
       x = jax.random.normal(jax.random.key(batch), (batch, k), jnp.bfloat16)
       if use_kernel:   # the timed kernel must also be right
         got = ternary_matmul(x, *packed_w[0], n_out=n, **kernel_options)
         ref = reference_matmul(x, *packed_w[0], n_out=n)
         checks.append((k, n, batch, float(jnp.max(jnp.abs(got - ref))), float(jnp.max(jnp.abs(ref)))))
+        layer_sums = [f(x, w) for f, w in (paths["Pallas 2-bit int8"], paths["scan: kernel reads the stack"],
+                                           paths["scan: XLA slices the stack"])]
+        stack_checks.append((k, n, batch, max(float(jnp.max(jnp.abs(y - layer_sums[0]))) for y in layer_sums[1:])))
       medians = round_robin_medians({name: (lambda f=f, w=w: f(x, w)) for name, (f, w) in paths.items()}, repeats)
       base = medians["XLA bf16"]
       for name, t in medians.items():
@@ -187,8 +224,10 @@ def main(argv=None) -> None:
       print(f"| {options.get('gemv', False)} | {options['block_n']} | {options['block_k']} | {options.get('k_steps', 'auto')} | "
             f"{options['num_warps']} | {options['num_stages']} | {t * 1e6:.1f} | {base / t:.2f}x |")
   for k, n, batch, err, size in checks:
-    mode = "compiled" if use_kernel else "interpret mode"
+    mode = "compiled" if use_kernel and not args.interpret else "interpret mode"
     print(f"# kernel check ({mode}) {k}x{n} batch {batch}: max |kernel - XLA| = {err:.3g} (max |y| = {size:.3g})")
+  for k, n, batch, err in stack_checks:
+    print(f"# stack check {k}x{n} batch {batch}: max |scanned over the stack - one call per layer| = {err:.3g}")
 
 
 if __name__ == "__main__":

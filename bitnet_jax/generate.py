@@ -20,8 +20,10 @@ over its prefix (tested for fp, b158 and bitnet); a quantised cache of kind X eq
 
 Depth: with `ModelConfig.scan_layers` (or `inference_form(..., layers="stacked")`) the inference copy stores its
 blocks stacked and every prefill and decode step runs them as one `lax.scan` over a stacked KV cache, so the
-program compiles one block body whatever the depth (3B on CPU: 1.5-3 s against 9-24 s unrolled); on CPU each
-step then pays a copy of every layer's weights out of the stack (23-62% slower steps at d_model 512).
+program compiles one block body whatever the depth (3B on CPU: 1.5-3 s against 9-24 s unrolled). The packed
+form's kernel then reads each layer's 2-bit codes in place from the stack (`kernels.matmul(..., layer=i)`), so
+on GPU/TPU no step copies weights out of it; on CPU (the XLA path) each step slices every layer out of the stack
+(13-68% slower steps than unrolled at d_model 512).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from flax import nnx
 
 from bitnet_jax import kernels, kv_cache, packing, quant
 from bitnet_jax.layers import WEIGHT_CODES, BitLinear
-from bitnet_jax.model import Transformer
+from bitnet_jax.model import STACK_INDEXED, Transformer
 
 if TYPE_CHECKING:
   from bitnet_jax.tokenizer import Tokenizer
@@ -75,7 +77,9 @@ class PackedLinear(nnx.Module):
   equal bit for bit to the BitLinear's integer path (`layers.use_integer_matmul`), and to its fake-quantised
   forward up to float32 rounding. Binary codes (BitNet) are {-1, +1}, a subset of the ternary digits, so they
   use the same 2-bit kernel. Holds only the packed codes and the scale grid (0.25 bytes per weight) and the
-  BitLinear's own norm."""
+  BitLinear's own norm. In a stacked model (`inference_form(layers="stacked")`) the codes and scales stay whole
+  in the layer scan (`model.STACK_INDEXED`) and `layer` holds the block's index: the kernel reads that layer's
+  tiles from the stack, so no decode step copies the weights out of it."""
 
   def __init__(self, layer: BitLinear):
     if not _packable(layer):
@@ -88,13 +92,15 @@ class PackedLinear(nnx.Module):
     self.scale = PackedCodes(scale)                                                 # float32 (G_in, G_out)
     self.norm, self.act_bits, self.dtype = layer.norm, layer.act_bits, layer.dtype
     self.act_groups = layer.groups if layer.group_axis == "in" else 1
+    self.layer: PackedCodes | None = nnx.data(None)   # this block's index once the blocks are stacked (`_stack_blocks`)
 
   def __call__(self, x: jax.Array, *, normalized: jax.Array | None = None) -> jax.Array:
     x = x.astype(self.dtype)
     if self.norm is not None:
       x = self.norm.apply_gain(self.norm.normalize(x) if normalized is None else normalized, self.dtype)
     x_codes, x_scale = quant.activation_codes(x, self.act_bits, per_token=True, groups=self.act_groups)
-    y = kernels.matmul(x_codes, self.packed[...], self.scale[...], n_out=self.n_out, x_scale=x_scale)
+    layer = None if self.layer is None else self.layer[...]   # stacked: codes and scales are the whole stack
+    y = kernels.matmul(x_codes, self.packed[...], self.scale[...], n_out=self.n_out, x_scale=x_scale, layer=layer)
     return y.astype(self.dtype)
 
 
@@ -113,7 +119,8 @@ def inference_form(model: Transformer, weights: str = "auto", layers: str = "aut
 
   layers="stacked": the blocks stored stacked (`Transformer.stack_layers`), so prefill and every decode step
   run them as one `lax.scan` over a stacked KV cache: compile time independent of depth, the weights stacked
-  once here rather than in every call (XLA:CPU still copies each layer's slice out of the stack per step).
+  once here rather than in every call. Packed codes stay whole in the scan and the kernel reads its layer from
+  the stack (`PackedLinear`); dense weights, and the XLA path on CPU, slice each layer out per step.
   "unrolled": one block after another in the program. "auto" (default): stacked iff `cfg.scan_layers`.
 
   Other parameters are shared with `model`, which is left unchanged. A model already in an inference form is
@@ -128,7 +135,7 @@ def inference_form(model: Transformer, weights: str = "auto", layers: str = "aut
     raise ValueError("inference_form: layers='unrolled' for a model whose blocks are already stacked "
                      "(stack the copy you decode, keep the per-layer original)")
   if _is_inference_form(model):
-    return nnx.clone(model).stack_layers() if stack and model.layer_stack is None else model
+    return _stack_blocks(nnx.clone(model)) if stack and model.layer_stack is None else model
   if weights == "auto":
     weights = "packed" if jax.default_backend() in kernels.ACCELERATORS else "dense"
   model = nnx.clone(model)
@@ -144,7 +151,19 @@ def inference_form(model: Transformer, weights: str = "auto", layers: str = "aut
       layer.kernel.set_value(kernel)
       layer.weight_quant = "none"
       layer.act_per_token = True
-  return model.stack_layers() if stack else model
+  return _stack_blocks(model) if stack else model
+
+
+def _stack_blocks(model: Transformer) -> Transformer:
+  """`model.stack_layers()`, in place, after giving each PackedLinear its block's index and marking its codes and
+  scales `STACK_INDEXED` (passed whole to the kernel, which reads its layer out of the stack)."""
+  for i, block in enumerate(model.blocks):
+    for _, module in nnx.iter_graph(block):
+      if isinstance(module, PackedLinear):
+        module.layer = PackedCodes(jnp.asarray(i, jnp.int32))
+        for var in (module.packed, module.scale):
+          var.set_metadata(**{STACK_INDEXED: True})
+  return model.stack_layers()
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -64,6 +64,11 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep the matmul outputs, recompute the rest
     "full": jax.checkpoint_policies.nothing_saveable,                 # keep only the block inputs
 }
+# Metadata flag of a variable in a stored layer stack (`Transformer.stack_layers`) whose module reads its own layer
+# out of the whole stack, given its layer index (a scanned variable): the layer scan passes such a variable whole
+# instead of slicing it, so no step copies that layer's weights out of the stack (generate.PackedLinear's codes,
+# which the low-bit kernel reads in place).
+STACK_INDEXED = "stack_indexed"
 # Logical names of activation axes (parameters use embed / heads / kv_heads / mlp / vocab); the sharding rules
 # in the config map both kinds to mesh axes.
 BATCH, LENGTH = "batch", "length"
@@ -392,16 +397,18 @@ class Transformer(nnx.Module):
       x = logical_constraint(_run_block(block, logical_constraint(x, residual), positions, cfg.remat), residual)
     return self._logits(x)
 
-  def _stacked_blocks(self) -> tuple[nnx.GraphDef, nnx.State]:
-    """(graphdef of one block, the blocks' state with a leading layer axis): the stored stack
-    (`stack_layers`), or one built from the per-layer blocks, a transient copy of their weights."""
+  def _stacked_blocks(self) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graphdef of one block, the variables passed whole into the layer scan (`STACK_INDEXED`), the blocks'
+    other state with a leading layer axis, which the scan slices): the stored stack (`stack_layers`), or one
+    built from the per-layer blocks, a transient copy of their weights."""
     if self.layer_stack is not None:
-      return nnx.split(self.layer_stack)
+      return nnx.split(self.layer_stack, lambda _, var: var.get_metadata().get(STACK_INDEXED, False), ...)
     graphdefs = {nnx.graphdef(b) for b in self.blocks}
     if len(graphdefs) != 1:
       raise ValueError("stacking the blocks needs every block to have the same structure "
                        f"(found {len(graphdefs)} distinct ones)")
-    return graphdefs.pop(), jax.tree.map(lambda *leaves: jnp.stack(leaves), *[nnx.state(b) for b in self.blocks])
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[nnx.state(b) for b in self.blocks])
+    return graphdefs.pop(), nnx.State({}), stacked
 
   def _scan_blocks(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     """The blocks as one `lax.scan` over their stacked parameters: the compiled program holds one block body,
@@ -409,10 +416,10 @@ class Transformer(nnx.Module):
     interop and packing see the same tree) and stacks them inside the step, a transient copy of the block
     weights; an inference copy can store them stacked once (`stack_layers`)."""
     residual = (BATCH, LENGTH, "act_embed")
-    graphdef, stacked = self._stacked_blocks()
+    graphdef, whole, stacked = self._stacked_blocks()
 
     def body(h, state):
-      h = _run_block(nnx.merge(graphdef, state), logical_constraint(h, residual), positions, self.cfg.remat)
+      h = _run_block(nnx.merge(graphdef, whole, state), logical_constraint(h, residual), positions, self.cfg.remat)
       return logical_constraint(h, residual), None
     return jax.lax.scan(body, x, stacked)[0]
 
@@ -433,7 +440,7 @@ class Transformer(nnx.Module):
     interop use the per-layer storage, so a stacked model is not for them (`require_per_layer`)."""
     if self.layer_stack is not None:
       return self
-    graphdef, stacked = self._stacked_blocks()
+    graphdef, _, stacked = self._stacked_blocks()
     for _, var in nnx.to_flat_state(stacked):   # the logical axes gain the (unsharded) layer axis
       axes = var.get_metadata().get("out_sharding")
       if axes is not None:
@@ -473,12 +480,12 @@ class Transformer(nnx.Module):
     positions = cache.pos + jnp.arange(T, dtype=jnp.int32)                          # (T,) absolute
     residual = (BATCH, LENGTH, "act_embed")
     if cache.stacked:   # one scan over the layers; the stacked K/V ride in the carry, updated in place
-      graphdef, stacked = nnx.split(self.layer_stack)
+      graphdef, whole, stacked = self._stacked_blocks()
 
       def body(carry, xs):
         h, kv = carry
         state, i = xs
-        h, kv = nnx.merge(graphdef, state)(logical_constraint(h, residual), positions, kv.replace(index=i))
+        h, kv = nnx.merge(graphdef, whole, state)(logical_constraint(h, residual), positions, kv.replace(index=i))
         return (h, kv.replace(index=None)), None
 
       (x, kv), _ = jax.lax.scan(body, (x, cache.layers[0]), (stacked, jnp.arange(cache.n_layers)))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -174,14 +175,33 @@ def test_stacked_decoding_equals_the_unrolled_one(variant, weights, kind):
   np.testing.assert_allclose(np.concatenate(logits[1], 1), np.concatenate(logits[0], 1), rtol=0, atol=1e-5)
   for i in range(3):   # layer i of the stacked cache holds what the unrolled layer i holds
     np.testing.assert_array_equal(np.asarray(caches[1].layers[0].k[i]), np.asarray(caches[0].layers[i].k))
+  if weights == "packed":   # the layer scan passes the 7 linears' codes whole (the kernel indexes them), slices none
+    scan = _find_scan(jax.make_jaxpr(lambda t, c: stacked.decode(t, c))(tokens[:, :1], caches[1]).jaxpr)
+    consts = scan.invars[:scan.params["num_consts"]]
+    scanned = scan.invars[scan.params["num_consts"] + scan.params["num_carry"]:]
+    assert sum(v.aval.dtype == jnp.uint8 and v.aval.ndim == 3 and v.aval.shape[0] == 3 for v in consts) == 7
+    assert not any(v.aval.dtype == jnp.uint8 for v in scanned)
+
+
+def _find_scan(jaxpr):
+  """The first lax.scan equation in a jaxpr or the jaxprs nested in it."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "scan":
+      return eqn
+    for param in eqn.params.values():
+      inner = getattr(param, "jaxpr", param)
+      if hasattr(inner, "eqns") and (found := _find_scan(inner)) is not None:
+        return found
+  return None
 
 
 def test_the_stacked_packed_decoder_lowers_for_gpus_with_one_block_of_kernels_whatever_the_depth(monkeypatch):
   """What a GPU compiles: the generate program lowered for CUDA (no GPU needed) holds a Triton kernel call per
   packed linear per block in the program, so n_layers times more unrolled than stacked (a 26-layer 3B decoder:
-  2 x 26 x 7 = 364 kernels against 14)."""
+  2 x 26 x 7 = 364 kernels against 14). Each stacked call takes the layer index and the whole stack of its
+  linear's codes (4 layers x K rows), so no decode step copies a layer's weights out of the stack."""
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")   # kernels.matmul: the compiled Pallas kernel
-  counts = {}
+  counts, signatures = {}, {}
   for layers in ("unrolled", "stacked"):
     cfg = ModelConfig(**{**TINY, "n_layers": 4, "d_model": 128}, variant="b158")
     model = nnx.eval_shape(lambda: generate.inference_form(Transformer(cfg, rngs=nnx.Rngs(0)), "packed", layers))
@@ -190,7 +210,13 @@ def test_the_stacked_packed_decoder_lowers_for_gpus_with_one_block_of_kernels_wh
         nnx.merge(graphdef, state), prompt, jnp.int32(0), 4, "bfloat16", generate.Sampler()))
     text = program.trace(state, jax.ShapeDtypeStruct((1, P), jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
     counts[layers] = text.count("xla.gpu.triton")
+    signatures[layers] = [line.rsplit(" : ", 1)[-1] for line in text.splitlines() if "xla.gpu.triton" in line]
   assert counts == {"unrolled": 2 * 4 * 7, "stacked": 2 * 7}, counts   # prefill + step; q, k, v, o, gate, up, down
+  for layers, stack in (("unrolled", 1), ("stacked", 4)):
+    for signature in signatures[layers]:   # (layer index,) x codes (M, K), weights (stack * K, P) -> partial sums
+      k = int(re.search(r"tensor<\d+x(\d+)xi8>", signature).group(1))
+      rows = int(re.search(r"tensor<(\d+)x\d+xui8>", signature).group(1))
+      assert rows == stack * k and signature.startswith("(tensor<1xi32>") == (layers == "stacked"), signature
 
 
 def test_stacked_and_per_layer_caches_and_forms_are_not_mixed():

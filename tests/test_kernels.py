@@ -75,6 +75,88 @@ def test_kernel_matches_reference_path(lead, k, n, groups, group_axis, act, opti
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+def _slices_bytes(jaxpr) -> bool:
+  """Whether the jaxpr (or one nested in it) dynamic-slices a uint8 array (copies weight bytes out of a stack)."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dynamic_slice" and eqn.outvars[0].aval.dtype == jnp.uint8:
+      return True
+    for param in eqn.params.values():
+      inner = getattr(param, "jaxpr", param)
+      if hasattr(inner, "eqns") and _slices_bytes(inner):
+        return True
+  return False
+
+
+STACK_CASES = [  # as CASES, and whether the layer must be sliced out of the stack first (its weights need padding)
+    ((1,), 128, 64, 1, "out", "int8", {}, False),                   # batch 1
+    ((3,), 256, 128, 2, "in", "int8", {}, False),                   # odd M, two input groups
+    ((2,), 128, 64, 2, "out", jnp.bfloat16, dict(block_k=16, k_steps=2), False),   # K splits
+    ((1,), 128, 64, 1, "out", "int8", dict(gemv=True), False),      # CUDA-core rows
+    ((2,), 64, 64, 1, "out", "int8", dict(decode="shift"), False),  # the four-operation decode
+    ((3,), 384, 40, 1, "out", "int8", dict(block_n=10, block_k=128, k_steps=1), False),   # TPU tiles: all of P
+    ((1,), 100, 36, 2, "out", "int8", {}, True),                    # K padded inside: sliced first
+]
+
+
+@pytest.mark.parametrize("via", ["offsets", "prefetch"])
+@pytest.mark.parametrize("lead,k,n,groups,group_axis,act,options,sliced", STACK_CASES)
+def test_a_layer_read_from_a_stack_equals_the_layer_on_its_own(lead, k, n, groups, group_axis, act, options, sliced,
+                                                               via, monkeypatch):
+  """`layer=`: the kernel reads one layer of stacked weights [L, K, P] in place (Triton-style load offsets, or
+  the TPU's scalar-prefetched index map, both in the interpreter), for a layer index traced under jit: bit for
+  bit the kernel on that layer alone, and the XLA path slicing the stack. No layer is sliced out of the stack
+  unless its weights need padding."""
+  problems = [_problem(lead, k, n, groups, group_axis, act, seed=k + n + i) for i in range(3)]
+  stack = jnp.stack([prob[1] for prob in problems])                     # (3, K, P) uint8
+  scales = jnp.stack([jnp.asarray(prob[2]) for prob in problems])       # (3, G_in, G_out)
+  xc, xs = problems[0][3], problems[0][4]
+  if via == "prefetch":
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  kernel = jax.jit(lambda w, s, layer: ternary_matmul(xc, w, s, n_out=n, group_axis=group_axis, x_scale=xs,
+                                                       layer=layer, interpret=True, **options))
+  assert _slices_bytes(jax.make_jaxpr(kernel)(stack, scales, jnp.int32(0)).jaxpr) == sliced
+  for layer in range(3):
+    got = np.asarray(kernel(stack, scales, jnp.int32(layer)))
+    alone = np.asarray(kernel(stack[layer], scales[layer], None))
+    np.testing.assert_array_equal(got, alone)
+    via_xla = np.asarray(reference_matmul(xc, stack, scales, n_out=n, group_axis=group_axis, x_scale=xs, layer=layer))
+    np.testing.assert_array_equal(via_xla, np.asarray(reference_matmul(xc, stack[layer], scales[layer], n_out=n,
+                                                                       group_axis=group_axis, x_scale=xs)))
+    np.testing.assert_allclose(got, via_xla, rtol=1e-5, atol=1e-5 * np.abs(via_xla).max())
+
+
+def test_the_compiled_kernel_takes_the_whole_stack_with_no_copy_of_the_layer(monkeypatch):
+  """Lowered for CUDA and for TPU (no accelerator needed): the kernel's operand is the whole stack of 8 layers
+  (Triton: viewed as [8 K, P]; Mosaic: [8, K, P] with the layer in the index map), so XLA copies no layer out."""
+  k, n, layers = 4096, 11008, 8
+  args = (jax.ShapeDtypeStruct((1, k), jnp.int8), jax.ShapeDtypeStruct((layers, k, n // 4), jnp.uint8),
+          jax.ShapeDtypeStruct((layers, 1, 1), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32))
+  for platform, call, operand in (("cuda", "xla.gpu.triton", f"tensor<{layers * k}x{n // 4}xui8>"),
+                                  ("tpu", "tpu_custom_call", f"tensor<{layers}x{k}x{n // 4}xui8>")):
+    monkeypatch.setattr(jax, "default_backend", lambda platform=platform: "gpu" if platform == "cuda" else "tpu")
+    fn = jax.jit(lambda x, w, s, layer: ternary_matmul(x, w, s, n_out=n, x_scale=jnp.ones((1, 1)), layer=layer,
+                                                       interpret=False))   # traced anew for each backend
+    text = fn.trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    calls = [line for line in text.splitlines() if call in line]
+    assert len(calls) == 1 and operand in calls[0].rsplit(" : ", 1)[-1], (platform, calls[0][-300:])
+    assert f"tensor<{k}x{n // 4}xui8>" not in text, platform   # no single layer is sliced out anywhere
+
+
+def test_bad_stacks_and_layer_indices_raise_value_error():
+  _, packed, scales, xc, xs = _problem((2,), 64, 48, 1, "out", "int8")
+  stack, stacked_scales = jnp.stack([packed, packed]), jnp.stack([scales, scales])
+  with pytest.raises(ValueError, match=r"uint8 stack \[L, K, P\]"):
+    ternary_matmul(xc, packed, scales, n_out=48, x_scale=xs, layer=0, interpret=True)
+  with pytest.raises(ValueError, match="scales must be stacked too"):
+    matmul(xc, stack, scales, n_out=48, x_scale=xs, layer=0)
+  with pytest.raises(ValueError, match="layer=2 is outside the stack of 2 layers"):
+    ternary_matmul(xc, stack, stacked_scales, n_out=48, x_scale=xs, layer=2, interpret=True)
+  with pytest.raises(ValueError, match="layer must be an integer scalar"):
+    reference_matmul(xc, stack, stacked_scales, n_out=48, x_scale=xs, layer=jnp.zeros(2, jnp.int32))
+  with pytest.raises(ValueError, match="layer must be an integer scalar"):
+    reference_matmul(xc, stack, stacked_scales, n_out=48, x_scale=xs, layer=0.5)
+
+
 def test_per_tensor_activation_scale_and_padded_columns_are_neutral():
   codes, packed, scales, _, _ = _problem((4,), 64, 30, 2, "out", "int8", seed=7)
   x = jax.random.normal(jax.random.key(0), (4, 64))

@@ -22,6 +22,11 @@ Default blocks divide the shape where they can (`_default_block`); shapes that d
 wrapper (padded weight bytes decode to code 0), which copies the weights in every call: pack such weights
 padded instead.
 
+Stacked weights: with `layer=i`, packed_w is a stack [L, K, P] (a stacked decoder's, one `lax.scan` over the
+layers) and the kernel reads layer i's tiles in place: on GPU its loads are offset by i * K rows of the stack
+(`_stacked_kernel`), on TPU the index, prefetched into SMEM, picks the weight block in the index map. XLA then
+passes the whole stack to the kernel instead of copying layer i out of it in every call.
+
 Tested on CPU (`tests/test_kernels.py`): values in interpret mode, and that the compiled form lowers for CUDA to
 a Triton call and for TPU to a Mosaic call (`_tpu_tiles`: (8, 128)-aligned blocks, never padding P). Compiled
 and timed on an H100 (`benchmarks/matvec.py`, `benchmarks/results/h100.md`): equal to the XLA path, 1.05-1.77x
@@ -78,14 +83,31 @@ def _kernel(x_ref, w_ref, o_ref, *, block_k: int, k_steps: int, acc_dtype, decod
   one integer operation per weight; the sums are then divided by 4^i (exact: a power of two, and integer sums
   divisible by it) and the digit offset removed with the row sums of x: x . (d - 1) = x . d - sum(x).
   """
-  bm, bn = x_ref.shape[0], w_ref.shape[1]
+  _dot_body(x_ref, lambda k0: w_ref[pl.ds(k0, block_k), :], w_ref.shape[1], o_ref, block_k=block_k,
+            k_steps=k_steps, acc_dtype=acc_dtype, decode=decode)
+
+
+def _stacked_kernel(layer_ref, x_ref, w_ref, o_ref, *, body, k: int, block_n: int, block_k: int, k_steps: int,
+                    **options):
+  """`body` (`_dot_body` or `_gemv_body`) on layer `layer_ref[0]` of a whole stack w_ref [L * K, P] (GPU and the
+  interpreter: no BlockSpec, so XLA passes the stack as it is and copies no layer out of it). This program's
+  tiles start at row layer * K + s * (k_steps * block_k) and byte column j * block_n."""
+  base = layer_ref[0] * k + pl.program_id(2) * (k_steps * block_k)
+  col = pl.multiple_of(pl.program_id(1) * block_n, block_n)
+  body(x_ref, lambda k0: w_ref[pl.ds(base + k0, block_k), pl.ds(col, block_n)], block_n, o_ref,
+       block_k=block_k, k_steps=k_steps, **options)
+
+
+def _dot_body(x_ref, load_w, bn: int, o_ref, *, block_k: int, k_steps: int, acc_dtype, decode: str):
+  """`_kernel`'s loop, reading its (block_k, bn) byte tiles through `load_w(k0)`."""
+  bm = x_ref.shape[0]
   mask = decode == "mask"
 
   def step(s, carry):
     accs, xsum = carry
     k0 = pl.multiple_of(s * block_k, block_k)
     x = x_ref[:, pl.ds(k0, block_k)]                                   # (bm, bk)
-    w = w_ref[pl.ds(k0, block_k), :]                                   # (bk, bn) packed bytes
+    w = load_w(k0)                                                     # (bk, bn) packed bytes
     out = []
     for i in range(4):                                                 # plane i: output columns i * P + j
       if mask:
@@ -113,14 +135,19 @@ def _gemv_kernel(x_ref, w_ref, o_ref, *, block_k: int, k_steps: int, acc_dtype, 
   """One activation row (block_m = 1) without tensor cores: x_ref (1, k_steps * bk), w_ref (k_steps * bk, bn),
   o_ref (1, 4, bn). Each plane accumulates `x[:, None] * d` elementwise in a (bk, bn) register tile (no
   reduction inside the loop), reduced over K once at the end; digits and the row-sum offset as in `_kernel`."""
+  _gemv_body(x_ref, lambda k0: w_ref[pl.ds(k0, block_k), :], w_ref.shape[1], o_ref, block_k=block_k,
+             k_steps=k_steps, acc_dtype=acc_dtype, decode=decode)
+
+
+def _gemv_body(x_ref, load_w, bn: int, o_ref, *, block_k: int, k_steps: int, acc_dtype, decode: str):
+  """`_gemv_kernel`'s loop, reading its (block_k, bn) byte tiles through `load_w(k0)`."""
   del decode   # always the mask decode: digits d * 4^i, one integer operation per weight
-  bn = w_ref.shape[1]
 
   def step(s, carry):
     accs, xsum = carry
     k0 = pl.multiple_of(s * block_k, block_k)
     x = x_ref[0, pl.ds(k0, block_k)].astype(acc_dtype)[:, None]         # (bk, 1)
-    w = w_ref[pl.ds(k0, block_k), :].astype(jnp.int32)                 # (bk, bn) packed bytes
+    w = load_w(k0).astype(jnp.int32)                                   # (bk, bn) packed bytes
     out = tuple(accs[i] + x * ((w >> 6) if i == 3 else (w & (3 << (2 * i)))).astype(acc_dtype)
                 for i in range(4))
     return out, xsum + x
@@ -173,6 +200,28 @@ def _tpu_tiles(p: int, kgs: int, block_n, block_k, k_steps) -> tuple[int, int, i
   return bn, bk, k_steps
 
 
+def select_layer(packed_w: jax.Array, scales: jax.Array, layer) -> tuple[jax.ShapeDtypeStruct, jax.Array, jax.Array]:
+  """For a stack of layers' weights (packed_w uint8 [L, K, P], scales [L, ...]) and a layer index: (the shape of
+  one layer's packed_w, that layer's scales, the index as int32 [1] clamped to [0, L)). ValueError on a stack
+  or an index that does not fit; a concrete index outside [0, L) is refused rather than clamped."""
+  if packed_w.dtype != jnp.uint8 or packed_w.ndim != 3:
+    raise ValueError(f"with layer=, packed_w must be a uint8 stack [L, K, P], got {packed_w.dtype} {packed_w.shape}")
+  n = packed_w.shape[0]
+  if scales.ndim < 1 or scales.shape[0] != n:
+    raise ValueError(f"with layer=, scales must be stacked too (leading axis of {n}), got shape {scales.shape}")
+  if not isinstance(layer, jax.core.Tracer):
+    if not isinstance(layer, (int, jnp.integer)) and not (hasattr(layer, "dtype") and jnp.ndim(layer) == 0):
+      raise ValueError(f"layer must be an integer scalar, got {layer!r}")
+    if not 0 <= int(layer) < n:
+      raise ValueError(f"layer={int(layer)} is outside the stack of {n} layers")
+  layer = jnp.asarray(layer)
+  if layer.ndim != 0 or not jnp.issubdtype(layer.dtype, jnp.integer):
+    raise ValueError(f"layer must be an integer scalar, got {layer.dtype} of shape {layer.shape}")
+  layer = jnp.clip(layer.astype(jnp.int32), 0, n - 1)
+  return (jax.ShapeDtypeStruct(packed_w.shape[1:], jnp.uint8),
+          jax.lax.dynamic_index_in_dim(scales, layer, 0, keepdims=False), layer.reshape(1))
+
+
 def _check(x, packed_w, scales, n_out, groups, group_axis, x_scale) -> jax.Array:
   """Validates the common arguments; returns the weight scales as a float32 (G_in, G_out) grid."""
   if not isinstance(n_out, int) or isinstance(n_out, bool) or n_out < 1:
@@ -209,7 +258,7 @@ def ternary_matmul(x: jax.Array, packed_w: jax.Array, scales: jax.Array, *, n_ou
                    group_axis: str | None = None, x_scale: jax.Array | None = None, interpret: bool | None = None,
                    block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
                    k_steps: int | None = None, num_warps: int = 4, num_stages: int = 2,
-                   decode: str = "mask", gemv: bool = False) -> jax.Array:
+                   decode: str = "mask", gemv: bool = False, layer: jax.Array | int | None = None) -> jax.Array:
   """`x @ (unpack_2bit(packed_w, n_out) * scales)` (times `x_scale`) with the weights decoded in a Pallas kernel.
 
   Args:
@@ -229,10 +278,17 @@ def ternary_matmul(x: jax.Array, packed_w: jax.Array, scales: jax.Array, *, n_ou
     decode: how the kernel turns bytes into dot operands: "mask" (one integer operation per weight, the
       default) or "shift" (four); see `_kernel`. Both give the same sums (exactly, for int8 activations).
     gemv: one activation row per program without tensor cores (`_gemv_kernel`; block_m is then 1).
+    layer: for a stack of layers' weights (packed_w uint8 [L, K, P], scales stacked [L, ...]), the layer to
+      multiply by (an int32 scalar, traced under a `lax.scan` over layers; clamped to [0, L) as XLA's dynamic
+      slices are): the kernel reads that layer's tiles straight from the stack, where slicing it first in XLA
+      would copy the layer's weights in every call. Layers whose weights need padding are sliced first.
   Returns:
     float32 [..., n_out].
   """
   x, packed_w, scales = jnp.asarray(x), jnp.asarray(packed_w), jnp.asarray(scales)
+  stack = None
+  if layer is not None:   # check the layer's slice; the kernel reads it from the stack
+    stack, (packed_w, scales, layer) = packed_w, select_layer(packed_w, scales, layer)
   grid = _check(x, packed_w, scales, n_out, groups, group_axis, x_scale)
   if interpret is None:
     interpret = jax.default_backend() not in ACCELERATORS
@@ -274,27 +330,48 @@ def ternary_matmul(x: jax.Array, packed_w: jax.Array, scales: jax.Array, *, n_ou
   splits = -(-steps // k_steps)                                          # programs along K per group
   kgp = splits * k_steps * bk                                            # padded K rows per group
 
-  # Pad (a no-op when the shapes fit the blocks): x with zeros, weight bytes with code 0.
+  # Pad (a no-op when the shapes fit the blocks): x with zeros, weight bytes with code 0. A stacked layer is
+  # copied out of its stack first (the copy `layer=` avoids otherwise) if it would need padding, or if the stack
+  # has 2^31 bytes or more on GPU (the Triton kernel's loads are offset in int32).
   x3 = x.reshape(m, kg, kgs)                                             # (M, Gk, K/Gk)
-  w3 = packed_w.reshape(kg, kgs, p)                                      # (Gk, K/Gk, P)
   if (mp, kgp) != (m, kgs):
     x3 = jnp.pad(x3, ((0, mp - m), (0, 0), (0, kgp - kgs)))
-  if (kgp, pp) != (kgs, p):
-    w3 = jnp.pad(w3, ((0, 0), (0, kgp - kgs), (0, pp - p)), constant_values=_ZERO_BYTE)
-  x2, w2 = x3.reshape(mp, kg * kgp), w3.reshape(kg * kgp, pp)
+  x2 = x3.reshape(mp, kg * kgp)
+  if stack is not None and ((kgp, pp) != (kgs, p) or (stack.size >= 2 ** 31 and not tpu)):
+    packed_w, stack = jax.lax.dynamic_index_in_dim(stack, layer[0], 0, keepdims=False), None
+  if stack is None:
+    w3 = packed_w.reshape(kg, kgs, p)                                    # (Gk, K/Gk, P)
+    if (kgp, pp) != (kgs, p):
+      w3 = jnp.pad(w3, ((0, 0), (0, kgp - kgs), (0, pp - p)), constant_values=_ZERO_BYTE)
+    w2 = w3.reshape(kg * kgp, pp)
   kc = k_steps * bk                                                      # K rows per program
 
-  partial = pl.pallas_call(
-      functools.partial(_gemv_kernel if gemv else _kernel, block_k=bk, k_steps=k_steps, acc_dtype=acc_dtype, decode=decode),
-      out_shape=jax.ShapeDtypeStruct((kg * splits, mp, 4, pp), acc_dtype),
-      grid=(mp // bm, pp // bn, kg * splits),
-      in_specs=[pl.BlockSpec((bm, kc), lambda i, j, s: (i, s)),
-                pl.BlockSpec((kc, bn), lambda i, j, s: (s, j))],
-      out_specs=pl.BlockSpec((_squeezed(), bm, 4, bn), lambda i, j, s: (s, i, 0, j)),
-      interpret=interpret,
-      compiler_params=_compiler_params(interpret, num_warps, num_stages),
-      name="ternary_matmul_2bit",
-  )(x2, w2)                                                              # (Gk * S, Mp, 4, Pp)
+  options = dict(block_k=bk, k_steps=k_steps, acc_dtype=acc_dtype, decode=decode)
+  call = functools.partial(
+      pl.pallas_call, out_shape=jax.ShapeDtypeStruct((kg * splits, mp, 4, pp), acc_dtype), interpret=interpret,
+      compiler_params=_compiler_params(interpret, num_warps, num_stages), name="ternary_matmul_2bit")
+  program_grid = (mp // bm, pp // bn, kg * splits)
+  x_block, w_block, o_block = (bm, kc), (kc, bn), (_squeezed(), bm, 4, bn)
+  if stack is None:
+    partial = call(functools.partial(_gemv_kernel if gemv else _kernel, **options), grid=program_grid,
+                   in_specs=[pl.BlockSpec(x_block, lambda i, j, s: (i, s)),
+                             pl.BlockSpec(w_block, lambda i, j, s: (s, j))],
+                   out_specs=pl.BlockSpec(o_block, lambda i, j, s: (s, i, 0, j)))(x2, w2)
+  elif jax.default_backend() == "tpu":   # Mosaic: the layer index, prefetched to SMEM, picks the weight block
+    kernel = functools.partial(_gemv_kernel if gemv else _kernel, **options)
+    partial = call(lambda layer_ref, *refs: kernel(*refs), grid_spec=pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=1, grid=program_grid,
+        in_specs=[pl.BlockSpec(x_block, lambda i, j, s, layer: (i, s)),
+                  pl.BlockSpec((_squeezed(),) + w_block, lambda i, j, s, layer: (layer[0], s, j))],
+        out_specs=pl.BlockSpec(o_block, lambda i, j, s, layer: (s, i, 0, j))))(layer, x2, stack)
+  else:       # Triton and the interpreter: the kernel offsets its loads by the layer (`_stacked_kernel`)
+    body = _gemv_body if gemv else _dot_body
+    partial = call(functools.partial(_stacked_kernel, body=body, k=k, block_n=bn, **options), grid=program_grid,
+                   in_specs=[pl.BlockSpec((1,), lambda i, j, s: (0,)),
+                             pl.BlockSpec(x_block, lambda i, j, s: (i, s)),
+                             pl.BlockSpec(memory_space=pl.ANY)],
+                   out_specs=pl.BlockSpec(o_block, lambda i, j, s: (s, i, 0, j)))(
+                       layer, x2, stack.reshape(stack.shape[0] * k, p))   # (Gk * S, Mp, 4, Pp)
   acc = partial.reshape(kg, splits, mp, 4, pp)
   acc = (acc[:, 0] if splits == 1 else acc.sum(axis=1))[:, :m, :, :p]     # (Gk, M, 4, P)
   acc = acc.reshape(kg, m, 4 * p)[:, :, :n_out]                           # (Gk, M, N): column i * P + j
@@ -304,14 +381,19 @@ def ternary_matmul(x: jax.Array, packed_w: jax.Array, scales: jax.Array, *, n_ou
 
 def reference_matmul(x: jax.Array, packed_w: jax.Array, scales: jax.Array, *, n_out: int,
                      groups: int | None = None, group_axis: str | None = None,
-                     x_scale: jax.Array | None = None) -> jax.Array:
-  """The XLA path of `ternary_matmul`: unpack the codes, one dot per input group, the same rescale.
+                     x_scale: jax.Array | None = None, layer: jax.Array | int | None = None) -> jax.Array:
+  """The XLA path of `ternary_matmul`: unpack the codes, one dot per input group, the same rescale. With
+  `layer`, packed_w and scales are stacks [L, ...] and the layer is sliced out of them (XLA:CPU fuses the
+  slice into the unpacking).
 
   int8 activations: exactly `packing.int_matmul` (int32 sums, bit-identical to the kernel's int8 path).
   Float activations: codes cast to x's dtype and a float32-accumulated dot (equal to the kernel up to the
   order of float32 additions).
   """
   x, packed_w, scales = jnp.asarray(x), jnp.asarray(packed_w), jnp.asarray(scales)
+  if layer is not None:
+    _, scales, layer = select_layer(packed_w, scales, layer)
+    packed_w = jax.lax.dynamic_index_in_dim(packed_w, layer[0], 0, keepdims=False)
   grid = _check(x, packed_w, scales, n_out, groups, group_axis, x_scale)
   *lead, k = x.shape
   lead = tuple(lead)
@@ -327,13 +409,15 @@ def reference_matmul(x: jax.Array, packed_w: jax.Array, scales: jax.Array, *, n_
 
 
 def matmul(x: jax.Array, packed_w: jax.Array, scales: jax.Array, *, n_out: int, groups: int | None = None,
-           group_axis: str | None = None, x_scale: jax.Array | None = None, **kernel_options) -> jax.Array:
-  """`ternary_matmul` on GPU/TPU (`jax.default_backend()`), `reference_matmul` (XLA) elsewhere.
+           group_axis: str | None = None, x_scale: jax.Array | None = None, layer: jax.Array | int | None = None,
+           **kernel_options) -> jax.Array:
+  """`ternary_matmul` on GPU/TPU (`jax.default_backend()`), `reference_matmul` (XLA) elsewhere; `layer` picks
+  one layer of stacked weights (see `ternary_matmul`).
 
   On CPU the Pallas kernel would run in the interpreter, far slower than XLA's dot, hence the fallback.
   """
   if jax.default_backend() in ACCELERATORS:
     return ternary_matmul(x, packed_w, scales, n_out=n_out, groups=groups, group_axis=group_axis,
-                          x_scale=x_scale, **kernel_options)
+                          x_scale=x_scale, layer=layer, **kernel_options)
   return reference_matmul(x, packed_w, scales, n_out=n_out, groups=groups, group_axis=group_axis,
-                          x_scale=x_scale)
+                          x_scale=x_scale, layer=layer)
