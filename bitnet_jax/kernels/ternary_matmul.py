@@ -209,15 +209,12 @@ def select_layer(packed_w: jax.Array, scales: jax.Array, layer) -> tuple[jax.Sha
   n = packed_w.shape[0]
   if scales.ndim < 1 or scales.shape[0] != n:
     raise ValueError(f"with layer=, scales must be stacked too (leading axis of {n}), got shape {scales.shape}")
-  if not isinstance(layer, jax.core.Tracer):
-    if not isinstance(layer, (int, jnp.integer)) and not (hasattr(layer, "dtype") and jnp.ndim(layer) == 0):
-      raise ValueError(f"layer must be an integer scalar, got {layer!r}")
-    if not 0 <= int(layer) < n:
-      raise ValueError(f"layer={int(layer)} is outside the stack of {n} layers")
-  layer = jnp.asarray(layer)
-  if layer.ndim != 0 or not jnp.issubdtype(layer.dtype, jnp.integer):
-    raise ValueError(f"layer must be an integer scalar, got {layer.dtype} of shape {layer.shape}")
-  layer = jnp.clip(layer.astype(jnp.int32), 0, n - 1)
+  index = jnp.asarray(layer)
+  if index.ndim != 0 or not jnp.issubdtype(index.dtype, jnp.integer):
+    raise ValueError(f"layer must be an integer scalar, got {index.dtype} of shape {index.shape}")
+  if not isinstance(layer, jax.core.Tracer) and not 0 <= int(layer) < n:
+    raise ValueError(f"layer={int(layer)} is outside the stack of {n} layers")
+  layer = jnp.clip(index.astype(jnp.int32), 0, n - 1)
   return (jax.ShapeDtypeStruct(packed_w.shape[1:], jnp.uint8),
           jax.lax.dynamic_index_in_dim(scales, layer, 0, keepdims=False), layer.reshape(1))
 
