@@ -19,6 +19,7 @@ from flax import nnx
 
 from bitnet_jax import generate, kv_cache
 from bitnet_jax.model import ModelConfig, Transformer
+from jaxprs import equations
 
 ROOT = Path(__file__).resolve().parents[1]
 # init_std 0.1 (not 0.02) spreads the logits of an untrained model, so greedy choices are not near-ties.
@@ -185,14 +186,7 @@ def test_stacked_decoding_equals_the_unrolled_one(variant, weights, kind):
 
 def _find_scan(jaxpr):
   """The first lax.scan equation in a jaxpr or the jaxprs nested in it."""
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "scan":
-      return eqn
-    for param in eqn.params.values():
-      inner = getattr(param, "jaxpr", param)
-      if hasattr(inner, "eqns") and (found := _find_scan(inner)) is not None:
-        return found
-  return None
+  return next(eqn for eqn in equations(jaxpr) if eqn.primitive.name == "scan")
 
 
 def test_the_stacked_packed_decoder_lowers_for_gpus_with_one_block_of_kernels_whatever_the_depth(monkeypatch):

@@ -11,6 +11,7 @@ import pytest
 
 from bitnet_jax import packing, quant
 from bitnet_jax.kernels import matmul, reference_matmul, ternary_matmul
+from jaxprs import equations
 
 
 def _problem(lead, k, n, groups, group_axis, act, seed=0):
@@ -77,14 +78,8 @@ def test_kernel_matches_reference_path(lead, k, n, groups, group_axis, act, opti
 
 def _slices_bytes(jaxpr) -> bool:
   """Whether the jaxpr (or one nested in it) dynamic-slices a uint8 array (copies weight bytes out of a stack)."""
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dynamic_slice" and eqn.outvars[0].aval.dtype == jnp.uint8:
-      return True
-    for param in eqn.params.values():
-      inner = getattr(param, "jaxpr", param)
-      if hasattr(inner, "eqns") and _slices_bytes(inner):
-        return True
-  return False
+  return any(eqn.primitive.name == "dynamic_slice" and eqn.outvars[0].aval.dtype == jnp.uint8
+             for eqn in equations(jaxpr))
 
 
 STACK_CASES = [  # as CASES, and whether the layer must be sliced out of the stack first (its weights need padding)
