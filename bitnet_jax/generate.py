@@ -86,11 +86,11 @@ class PackedLinear(nnx.Module):
       raise ValueError(f"PackedLinear needs quantised weights and symmetric quantised activations "
                        f"(weight_quant={layer.weight_quant!r}, act_bits={layer.act_bits!r}, "
                        f"act_asymmetric={layer.act_asymmetric})")
-    codes, scale = WEIGHT_CODES[layer.weight_quant](layer.kernel[...], groups=layer.weight_groups)
+    codes, scale = WEIGHT_CODES[layer.weight_quant](layer.kernel[...], groups=layer.weight_groups, exact=layer.exact)
     self.n_out = layer.kernel.shape[1]
     self.packed = PackedCodes(packing.pack_2bit(codes, axis=-1))                     # uint8 [K, ceil(N / 4)]
     self.scale = PackedCodes(scale)                                                 # float32 (G_in, G_out)
-    self.norm, self.act_bits, self.dtype = layer.norm, layer.act_bits, layer.dtype
+    self.norm, self.act_bits, self.dtype, self.exact = layer.norm, layer.act_bits, layer.dtype, layer.exact
     self.act_groups = layer.groups if layer.group_axis == "in" else 1
     self.layer: PackedCodes | None = nnx.data(None)   # this block's index once the blocks are stacked (`_stack_blocks`)
 
@@ -98,7 +98,8 @@ class PackedLinear(nnx.Module):
     x = x.astype(self.dtype)
     if self.norm is not None:
       x = self.norm.apply_gain(self.norm.normalize(x) if normalized is None else normalized, self.dtype)
-    x_codes, x_scale = quant.activation_codes(x, self.act_bits, per_token=True, groups=self.act_groups)
+    x_codes, x_scale = quant.activation_codes(x, self.act_bits, per_token=True, groups=self.act_groups,
+                                              exact=self.exact)
     layer = None if self.layer is None else self.layer[...]   # stacked: codes and scales are the whole stack
     y = kernels.matmul(x_codes, self.packed[...], self.scale[...], n_out=self.n_out, x_scale=x_scale, layer=layer)
     return y.astype(self.dtype)

@@ -32,15 +32,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.core import spmd
 
 from bitnet_jax import kv_cache
 from bitnet_jax.kv_cache import KVCache, LayerKV
-from bitnet_jax.layers import NORM_KINDS, WEIGHT_QUANTIZERS, BitLinear, Norm, logical_constraint, make_param
+from bitnet_jax.layers import (NORM_KINDS, WEIGHT_QUANTIZERS, BitLinear, Norm, dense, logical_constraint,
+                               make_param)
 
 AUTO = "auto"   # a field left to the variant's default
 
@@ -112,6 +115,15 @@ class ModelConfig:
   # Give every quantised BitLinear a warm-up weight lambda (`layers.QuantMix`) that the trainer ramps from 0 to 1
   # (`config.train.quant_warmup_steps`): fine-tuning an FP checkpoint into b1.58 without a cliff at step 0.
   quant_warmup: bool = False
+  # Quantise in the reference operation order, bit for bit (`quant`'s exact mode; parity tests). The default lets
+  # XLA fuse the quantisers: codes equal except at rounding ties, scales within an ulp or two, and a faster step.
+  exact_quant: bool = False
+  # Run projections that read the same input (q/k/v, gate/up) as one matmul over their concatenated kernels,
+  # each quantised with its own statistic (`project`). Storage and checkpoints are unchanged; only layouts
+  # without a per-projection norm gain qualify (fp, 2B4T), and not under tensor parallelism. Off by default: on
+  # the CPU the concatenation and the output slices cost more than the larger dots gain (measured 5% slower,
+  # benchmarks/results/cpu.md); not yet measured on a GPU.
+  fuse_projections: bool = False
 
   def __post_init__(self):
     if self.variant not in VARIANTS:
@@ -243,7 +255,8 @@ def _linear(cfg: ModelConfig, d_in: int, d_out: int, axes, *, parallel: str, rng
                    group_axis="out" if parallel == "column" else "in", fsdp_groups=cfg.fsdp_groups,
                    norm=cfg.linear_norm if norm else None, norm_eps=cfg.norm_eps, norm_scale=cfg.linear_norm_scale,
                    dtype=cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype), init_std=cfg.init_std,
-                   axes=axes, quant_mix=cfg.quant_warmup and cfg.weight_quant != "none", rngs=rngs)
+                   axes=axes, quant_mix=cfg.quant_warmup and cfg.weight_quant != "none", exact=cfg.exact_quant,
+                   rngs=rngs)
 
 
 def _norm(cfg: ModelConfig, kind: str | None, dim: int, axis_name: str, groups: int = 1) -> Norm | None:
@@ -254,6 +267,50 @@ def _norm(cfg: ModelConfig, kind: str | None, dim: int, axis_name: str, groups: 
 def _shared_norm(layer: BitLinear, x: jax.Array) -> jax.Array | None:
   """The gain-free norm of x for the column-parallel BitLinears that read it (they share kind, eps and groups)."""
   return layer.norm.normalize(x.astype(layer.dtype)) if layer.norm is not None else None
+
+
+def _tensor_parallel() -> bool:
+  """Whether the active mesh and rules split the heads or the FFN width over more than one device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return False
+  rules = dict(spmd.get_logical_axis_rules() or ())
+  for name in ("heads", "kv_heads", "mlp"):
+    axes = rules.get(name)
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    if math.prod(mesh.shape[a] for a in axes) > 1:
+      return True
+  return False
+
+
+def _fusable(layers) -> bool:
+  """Projections of one input that can run as one matmul computing exactly their separate function: training-form
+  BitLinears with no norm of their own (a per-projection gain would give each its own quantised input) and no
+  warm-up weight, with one activation quantiser, outside tensor parallelism (a concatenated kernel would not keep
+  each shard's columns on its device)."""
+  first = layers[0]
+  same = ("weight_quant", "act_bits", "act_per_token", "act_asymmetric", "act_groups", "dtype", "exact")
+  return (all(type(l) is BitLinear and not l.integer and l.norm is None and l.quant_mix is None
+                                 and all(getattr(l, a) == getattr(first, a) for a in same) for l in layers)
+          and not _tensor_parallel())
+
+
+def project(layers, x_btd: jax.Array, *, fuse: bool = True) -> list[jax.Array]:
+  """[layer(x) for layer in layers] for column-parallel projections of one input (q/k/v, gate/up).
+
+  Fused (`ModelConfig.fuse_projections`, where `_fusable`): the input is prepared (activation-quantised) once
+  and multiplied by the concatenation of the layers' effective kernels, each quantised with its own statistic
+  (its own block grid), then split: the same function as separate projections, as one larger matmul (fewer,
+  larger dots run closer to the machine's peak, and the backward's weight gradients are one dot too).
+  Otherwise each layer runs on its own, sharing the gain-free norm of x where they have one."""
+  if fuse and len(layers) > 1 and all(isinstance(l, BitLinear) for l in layers) and _fusable(layers):
+    x = layers[0].prepare_input(x_btd)
+    w = jnp.concatenate([l.effective_kernel() for l in layers], axis=1)
+    y = dense(x, w)
+    ends = list(itertools.accumulate(l.kernel.shape[1] for l in layers))
+    return [y[..., a:b] for a, b in zip([0] + ends[:-1], ends)]
+  xn = _shared_norm(layers[0], x_btd)
+  return [l(x_btd, normalized=xn) for l in layers]
 
 
 class Attention(nnx.Module):
@@ -280,10 +337,10 @@ class Attention(nnx.Module):
     cfg = self.cfg
     B, T, _ = x_btd.shape
     H, K, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    xn = _shared_norm(self.q_proj, x_btd)   # q, k and v read the same input: normalise it once
-    q = rope(self.q_proj(x_btd, normalized=xn).reshape(B, T, H, Dh), positions, cfg.rope_theta)  # (B, T, H, Dh)
-    k = rope(self.k_proj(x_btd, normalized=xn).reshape(B, T, K, Dh), positions, cfg.rope_theta)  # (B, T, K, Dh)
-    v = self.v_proj(x_btd, normalized=xn).reshape(B, T, K, Dh)                                   # (B, T, K, Dh)
+    q, k, v = project([self.q_proj, self.k_proj, self.v_proj], x_btd, fuse=cfg.fuse_projections)
+    q = rope(q.reshape(B, T, H, Dh), positions, cfg.rope_theta)                                  # (B, T, H, Dh)
+    k = rope(k.reshape(B, T, K, Dh), positions, cfg.rope_theta)                                  # (B, T, K, Dh)
+    v = v.reshape(B, T, K, Dh)                                                                   # (B, T, K, Dh)
     q = logical_constraint(q, (BATCH, LENGTH, "act_heads", None))   # heads stay on their tensor shard
     k = logical_constraint(k, (BATCH, LENGTH, "act_kv_heads", None))
     v = logical_constraint(v, (BATCH, LENGTH, "act_kv_heads", None))
@@ -294,11 +351,16 @@ class Attention(nnx.Module):
       cache = cache.write(k, v, positions[0])
       k, v = cache.read(k.dtype)                                                     # (B, S = L, K, Dh)
       visible = jnp.arange(k.shape[1])[None, :] <= positions[:, None]               # (T, S = L)
-    q = q.reshape(B, T, K, H // K, Dh)                                              # (B, T, K, G, Dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(Dh)
+    # Heads-major layout through QK^T, softmax and AV: one transpose of q, k and v in, one of the output out,
+    # so every dot has its batch axes leading (a third off the attention's CPU time against transposing inside
+    # each einsum, `benchmarks/results/cpu.md`).
+    q = q.reshape(B, T, K, H // K, Dh).transpose(0, 2, 3, 1, 4)                     # (B, K, G, T, Dh)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                         # (B, K, S, Dh)
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(Dh)
     scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)                        # (B, K, G, T, S)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H * Dh)          # (B, T, H*Dh)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)                                # (B, K, G, T, Dh)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * Dh)                        # (B, T, H*Dh)
     if self.sub_norm is not None:
       out = self.sub_norm(out)
     return self.o_proj(out), cache
@@ -308,7 +370,7 @@ class FeedForward(nnx.Module):
   """SwiGLU / squared-ReLU GLU (gate, up, down) or a two-layer GELU/ReLU MLP (up, down)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.kind = cfg.ffn
+    self.kind, self.fuse = cfg.ffn, cfg.fuse_projections
     D, F = cfg.d_model, cfg.d_ff
     self.gate_proj = (_linear(cfg, D, F, ("embed", "mlp"), parallel="column", rngs=rngs)
                       if cfg.ffn in GATED else None)
@@ -318,12 +380,14 @@ class FeedForward(nnx.Module):
                              asymmetric=cfg.bitnet_asymmetric_ffn)
 
   def __call__(self, x_btd: jax.Array) -> jax.Array:
-    xn = _shared_norm(self.up_proj, x_btd)  # gate and up read the same input: normalise it once
-    up = self.up_proj(x_btd, normalized=xn)                                         # (B, T, F)
+    if self.gate_proj is not None:   # gate and up read the same input: one matmul, or a shared norm
+      gate, up = project([self.gate_proj, self.up_proj], x_btd, fuse=self.fuse)    # (B, T, F) each
+    else:
+      up = self.up_proj(x_btd)                                                      # (B, T, F)
     if self.kind == "swiglu":
-      h = jax.nn.silu(self.gate_proj(x_btd, normalized=xn)) * up
+      h = jax.nn.silu(gate) * up
     elif self.kind == "relu2_glu":
-      h = jnp.square(jax.nn.relu(self.gate_proj(x_btd, normalized=xn))) * up
+      h = jnp.square(jax.nn.relu(gate)) * up
     elif self.kind == "gelu":
       h = jax.nn.gelu(up)
     else:

@@ -14,6 +14,15 @@ Formulas (see ../shared/PAPERS.md):
   * `groups=G`            BitNet section 2.3, "model parallelism with group quantization": G independent groups,
                           each with its own alpha_g, beta_g, gamma_g, eta_g.
 
+Two operation orders (`exact=`, a static keyword of every quantiser):
+  * `exact=False`, the default: XLA may fuse and re-associate the statistics (`sum / n` becomes `sum * (1 / n)`,
+    `codes / s` becomes `codes * (1 / s)`). Fast; the codes equal exact mode's except where a value sits within
+    an ulp of a rounding tie, and the scales differ by at most an ulp or two (`tests/test_quant.py` measures it).
+  * `exact=True`: the reference code's operation order, pinned with `optimization_barrier`s (`_pin`), so the
+    result equals the FAQ reference bit for bit wherever the float32 reductions themselves agree (they can differ
+    between CPUs and between jit and eager: XLA picks the summation order). The oracle tests and the Hugging
+    Face / llama.cpp parity tests run in this mode (`ModelConfig.exact_quant`).
+
 Deviation from the BitNet text, named: the paper scales activations by `Q_b = 2^(b-1)` and clips to
 `[-Q_b + eps, Q_b - eps]`, which after rounding would produce the code 2^(b-1), outside a signed b-bit integer.
 We follow the b1.58 FAQ reference code instead: scale by `2^(b-1) - 1` (127 for 8 bits) and clip to
@@ -99,25 +108,28 @@ def _split(x: jax.Array, groups: int, axis: int) -> jax.Array:
   return x.reshape(s[:axis] + (groups, s[axis] // groups) + s[axis + 1:])
 
 
-def _mean(x: jax.Array, axis, keepdims: bool = True) -> jax.Array:
-  """Sum, then one division by the count: torch's `mean` rounding. (`jnp.mean` multiplies by 1/n, which can
-  differ in the last bit when n is not a power of two, and would break bit-equality with the reference.)"""
+def _mean(x: jax.Array, axis, keepdims: bool = True, *, exact: bool = True) -> jax.Array:
+  """The mean. Exact: a sum, then one true division by the count, torch's `mean` rounding (`jnp.mean` multiplies
+  by 1/n, which can differ in the last bit when n is not a power of two). Otherwise `jnp.mean`."""
+  if not exact:
+    return jnp.mean(x, axis=axis, keepdims=keepdims)
   axes = (axis,) if isinstance(axis, int) else axis
   count = 1
   for a in axes:
     count *= x.shape[a]
   total = jnp.sum(x, axis=axis, keepdims=keepdims)
-  return total / _pin(jnp.full(total.shape, count, total.dtype))   # see `_pin`: keeps it a true division
+  return total / _pin(jnp.full(total.shape, count, total.dtype), exact)   # see `_pin`: keeps it a true division
 
 
-def _pin(stat: jax.Array) -> jax.Array:
-  """Stops XLA's algebraic simplifier from re-associating through a scale.
+def _pin(stat: jax.Array, exact: bool) -> jax.Array:
+  """In exact mode, stops XLA's algebraic simplifier from re-associating through a scale; otherwise the identity.
 
   XLA re-associates through scales (`x / (q / g)`, `w * (1 / m)`) and turns a division by a broadcast or a
   constant into a multiplication by its reciprocal (`sum / n` -> `sum * (1 / n)`); each rounds differently from
-  the reference code's operation order. Values passed through this barrier are opaque to those rewrites.
+  the reference code's operation order. Values passed through this barrier are opaque to those rewrites, and to
+  fusion: the barriers cost about a fifth of a b158 train step on the CPU, which is why they are opt-in.
   """
-  return jax.lax.optimization_barrier(stat)
+  return jax.lax.optimization_barrier(stat) if exact else stat
 
 
 def _reduce_all_but(x: jax.Array, keep: int, fn) -> jax.Array:
@@ -172,34 +184,35 @@ def expand_group_scale(scale: jax.Array, shape: tuple[int, ...], axis: int | Non
 # --------------------------------------------------------------------------------------------------------------
 # Weights: BitNet binarisation and b1.58 absmean ternarisation.
 # --------------------------------------------------------------------------------------------------------------
-def _binary(w: jax.Array, groups: tuple[int, ...]):
+def _binary(w: jax.Array, groups: tuple[int, ...], exact: bool):
   """Codes in {-1, +1} (float32, block layout) and beta per group. BitNet eq. 1-4; Sign(0) = -1."""
   wb = _split_blocks(w.astype(jnp.float32), groups)
-  alpha = _block_stat(wb, _mean)                     # alpha_g = (G / nm) sum W^(g)
-  beta = _pin(_block_stat(jnp.abs(wb), _mean))       # beta_g = (G / nm) ||W^(g)||_1
+  mean = functools.partial(_mean, exact=exact)
+  alpha = _block_stat(wb, mean)                             # alpha_g = (G / nm) sum W^(g)
+  beta = _pin(_block_stat(jnp.abs(wb), mean), exact)        # beta_g = (G / nm) ||W^(g)||_1
   codes = jnp.where(wb - alpha > 0, 1.0, -1.0)
   return codes, beta
 
 
-def _ternary(w: jax.Array, groups: tuple[int, ...]):
+def _ternary(w: jax.Array, groups: tuple[int, ...], exact: bool):
   """Codes in {-1, 0, +1} (float32, block layout) and s = 1 / max(mean|W|, eps) per group.
 
   b1.58 eq. 1-3 written exactly as the FAQ reference `weight_quant`: `s = 1 / max(mean|w|, 1e-5)`,
   `round(w * s)` (half to even, as torch.round) clipped to [-1, 1]; the de-quantized value is codes / s.
   """
   wb = _split_blocks(w.astype(jnp.float32), groups)
-  s = _pin(1.0 / jnp.maximum(_block_stat(jnp.abs(wb), _mean), EPS))
+  s = _pin(1.0 / jnp.maximum(_block_stat(jnp.abs(wb), functools.partial(_mean, exact=exact)), EPS), exact)
   codes = jnp.clip(jnp.round(wb * s), -1.0, 1.0)
   return codes, s
 
 
-def _binary_fq(w, *, groups=1, axis: int = -1):
-  codes, beta = _binary(w, _weight_groups(w.shape, groups, axis, "binary_weights"))
+def _binary_fq(w, *, groups=1, axis: int = -1, exact: bool = False):
+  codes, beta = _binary(w, _weight_groups(w.shape, groups, axis, "binary_weights"), exact)
   return (codes * beta).reshape(w.shape).astype(w.dtype)
 
 
-def _ternary_fq(w, *, groups=1, axis: int = -1):
-  codes, s = _ternary(w, _weight_groups(w.shape, groups, axis, "ternary_weights"))
+def _ternary_fq(w, *, groups=1, axis: int = -1, exact: bool = False):
+  codes, s = _ternary(w, _weight_groups(w.shape, groups, axis, "ternary_weights"), exact)
   return (codes / s).reshape(w.shape).astype(w.dtype)
 
 
@@ -207,7 +220,8 @@ _binary_ste = straight_through(_binary_fq)
 _ternary_ste = straight_through(_ternary_fq)
 
 
-def binary_weights(w: jax.Array, *, groups: int | tuple[int, ...] = 1, axis: int = -1) -> jax.Array:
+def binary_weights(w: jax.Array, *, groups: int | tuple[int, ...] = 1, axis: int = -1,
+                   exact: bool = False) -> jax.Array:
   """BitNet binarisation (2310.11453 eq. 1-4) with an STE gradient: `Sign(W - alpha) * beta`.
 
   alpha = mean(W), beta = mean(|W|) (of the uncentred W), Sign(w) = +1 if w > 0 else -1 (so Sign(0) = -1).
@@ -215,41 +229,43 @@ def binary_weights(w: jax.Array, *, groups: int | tuple[int, ...] = 1, axis: int
   is the output features) and each group has its own alpha_g and beta_g (BitNet section 2.3). Statistics are
   reduced over every other axis. A tuple `groups=(G0, G1)` splits the weight into a G0 x G1 grid of blocks with
   one statistic each: the layout that lets every device of a 2-D (FSDP x tensor) mesh quantise its own shard.
+  `exact=True` pins the reference operation order (module docstring).
   """
-  return _binary_ste(w, groups=groups, axis=axis)
+  return _binary_ste(w, groups=groups, axis=axis, exact=exact)
 
 
-def ternary_weights(w: jax.Array, *, groups: int | tuple[int, ...] = 1, axis: int = -1) -> jax.Array:
+def ternary_weights(w: jax.Array, *, groups: int | tuple[int, ...] = 1, axis: int = -1,
+                    exact: bool = False) -> jax.Array:
   """b1.58 absmean ternarisation (2402.17764 eq. 1-3) with an STE gradient.
 
   `gamma = mean|W|`, `RoundClip(W / (gamma + eps), -1, 1) * gamma`, computed exactly as the FAQ reference
   `weight_quant`: `s = 1 / max(mean|w|, 1e-5)`, `clip(round(w * s), -1, 1) / s` (equal in float32).
-  `groups` and `axis` as in `binary_weights`.
+  `groups`, `axis` and `exact` as in `binary_weights`.
   """
-  return _ternary_ste(w, groups=groups, axis=axis)
+  return _ternary_ste(w, groups=groups, axis=axis, exact=exact)
 
 
-def binary_codes(w: jax.Array, *, groups: int | tuple[int, ...] = 1,
-                 axis: int = -1) -> tuple[jax.Array, jax.Array]:
+def binary_codes(w: jax.Array, *, groups: int | tuple[int, ...] = 1, axis: int = -1,
+                 exact: bool = False) -> tuple[jax.Array, jax.Array]:
   """Inference form of `binary_weights`: (int8 codes in {-1, +1} shaped like w, float32 beta per group).
 
   The scale has w's rank with G along `axis` (or G_d along each dimension for tuple groups) and 1 elsewhere;
   `codes * expand_group_scale(scale, w.shape)` equals `binary_weights(w, ...)` in float32 exactly.
   """
   gs = _weight_groups(w.shape, groups, axis, "binary_codes")
-  codes, beta = _binary(w, gs)
+  codes, beta = _binary(w, gs, exact)
   return codes.reshape(w.shape).astype(jnp.int8), _group_scale(beta, gs)
 
 
-def ternary_codes(w: jax.Array, *, groups: int | tuple[int, ...] = 1,
-                  axis: int = -1) -> tuple[jax.Array, jax.Array]:
+def ternary_codes(w: jax.Array, *, groups: int | tuple[int, ...] = 1, axis: int = -1,
+                  exact: bool = False) -> tuple[jax.Array, jax.Array]:
   """Inference form of `ternary_weights`: (int8 codes in {-1, 0, +1}, float32 scale = 1/s = mean|W| per group).
 
   Because every code is -1, 0 or +1, `codes * (1 / s)` equals the reference `codes / s` exactly. The scale has
   w's rank with the group counts along the grouped axes and 1 elsewhere.
   """
   gs = _weight_groups(w.shape, groups, axis, "ternary_codes")
-  codes, s = _ternary(w, gs)
+  codes, s = _ternary(w, gs, exact)
   return codes.reshape(w.shape).astype(jnp.int8), _group_scale(1.0 / s, gs)
 
 
@@ -269,7 +285,7 @@ def _act_stat(xg: jax.Array, fn, per_token: bool) -> jax.Array:
   return _reduce_all_but(xg, xg.ndim - 2, fn)
 
 
-def _symmetric(x: jax.Array, bits: int, per_token: bool, groups: int):
+def _symmetric(x: jax.Array, bits: int, per_token: bool, groups: int, exact: bool):
   """Codes (float32, grouped [..., G, d/G]) and s = q / max(gamma, eps), q = 2^(b-1) - 1.
 
   Per token with 8 bits this is the FAQ reference `activation_quant`:
@@ -278,12 +294,12 @@ def _symmetric(x: jax.Array, bits: int, per_token: bool, groups: int):
   q = 2.0 ** (bits - 1) - 1.0
   xg = _split(x.astype(jnp.float32), groups, x.ndim - 1)
   gamma = _act_stat(jnp.abs(xg), jnp.max, per_token)       # gamma_g = max |x^(g)|
-  s = _pin(q / jnp.maximum(gamma, EPS))
+  s = _pin(q / jnp.maximum(gamma, EPS), exact)
   codes = jnp.clip(jnp.round(xg * s), -q - 1.0, q)
   return codes, s
 
 
-def _asymmetric(x: jax.Array, bits: int, per_token: bool, groups: int):
+def _asymmetric(x: jax.Array, bits: int, per_token: bool, groups: int, exact: bool):
   """BitNet eq. 6, the zero-point form for inputs of a non-linearity: codes in [0, q], eta = min(x).
 
   `codes = clip(round((x - eta) * s), 0, q)` with `s = q / max(gamma, eps)`, gamma = max|x| (the paper's
@@ -294,22 +310,23 @@ def _asymmetric(x: jax.Array, bits: int, per_token: bool, groups: int):
   xg = _split(x.astype(jnp.float32), groups, x.ndim - 1)
   eta = _act_stat(xg, jnp.min, per_token)                  # eta_g = min x^(g)
   gamma = _act_stat(jnp.abs(xg), jnp.max, per_token)
-  s = _pin(q / jnp.maximum(gamma, EPS))
+  s = _pin(q / jnp.maximum(gamma, EPS), exact)
   codes = jnp.clip(jnp.round((xg - eta) * s), 0.0, q)
   return codes, s, eta
 
 
-def _activations_fq(x, *, bits: int = 8, per_token: bool = True, groups: int = 1, asymmetric: bool = False):
+def _activations_fq(x, *, bits: int = 8, per_token: bool = True, groups: int = 1, asymmetric: bool = False,
+                    exact: bool = False):
   _check_bits(bits, "quantize_activations")
   _check_groups(x.shape, groups, -1, "quantize_activations")
   if asymmetric:
-    codes, s, eta = _asymmetric(x, bits, per_token, groups)
+    codes, s, eta = _asymmetric(x, bits, per_token, groups, exact)
   else:
-    (codes, s), eta = _symmetric(x, bits, per_token, groups), 0.0
+    (codes, s), eta = _symmetric(x, bits, per_token, groups, exact), 0.0
   # XLA rewrites `codes / broadcast(s)` into `codes * broadcast(1 / s)`, one rounding off the reference's true
-  # division for codes other than 0 and +-1. Dividing by a materialised, pinned broadcast keeps it a division.
-  # (The weight quantisers need no such care: their codes are -1, 0, +1, for which c / s == c * (1 / s).)
-  y = codes / _pin(jnp.broadcast_to(s, codes.shape)) + eta
+  # division for codes other than 0 and +-1. In exact mode, dividing by a materialised, pinned broadcast keeps it
+  # a division. (The weight quantisers need no such care: their codes are -1, 0, +1, for which c / s == c * (1/s).)
+  y = (codes / _pin(jnp.broadcast_to(s, codes.shape), True) if exact else codes / s) + eta
   return y.reshape(x.shape).astype(x.dtype)
 
 
@@ -317,7 +334,7 @@ _activations_ste = straight_through(_activations_fq)
 
 
 def quantize_activations(x: jax.Array, bits: int = 8, *, per_token: bool = True, groups: int = 1,
-                         asymmetric: bool = False) -> jax.Array:
+                         asymmetric: bool = False, exact: bool = False) -> jax.Array:
   """Absmax activation fake-quantisation to `bits` (2..8) with an STE gradient. BitNet eq. 5-6.
 
   * `per_token=True`: one gamma per row over the last (feature) axis; with 8 bits, equal in float32 to the FAQ
@@ -326,12 +343,13 @@ def quantize_activations(x: jax.Array, bits: int = 8, *, per_token: bool = True,
     is computed over every position, so it lets later tokens influence earlier ones through one scalar.
   * `groups=G`: the feature axis is split into G groups with their own gamma (and eta) each.
   * `asymmetric=True`: the zero-point form for non-negative inputs, `(x - eta) * q / gamma` clipped to [0, q].
+  * `exact=True`: the reference operation order, bit for bit (module docstring); the default lets XLA fuse.
   """
-  return _activations_ste(x, bits=bits, per_token=per_token, groups=groups, asymmetric=asymmetric)
+  return _activations_ste(x, bits=bits, per_token=per_token, groups=groups, asymmetric=asymmetric, exact=exact)
 
 
-def activation_codes(x: jax.Array, bits: int = 8, *, per_token: bool = True,
-                     groups: int = 1) -> tuple[jax.Array, jax.Array]:
+def activation_codes(x: jax.Array, bits: int = 8, *, per_token: bool = True, groups: int = 1,
+                     exact: bool = False) -> tuple[jax.Array, jax.Array]:
   """Inference form of symmetric `quantize_activations`: (int8 codes, float32 scale = 1/s per row and group).
 
   The scale has shape x.shape[:-1] + (G,) per token, (1, ..., 1, G) per tensor. `codes * expand(scale)` equals
@@ -340,7 +358,7 @@ def activation_codes(x: jax.Array, bits: int = 8, *, per_token: bool = True,
   """
   _check_bits(bits, "activation_codes")
   _check_groups(x.shape, groups, -1, "activation_codes")
-  codes, s = _symmetric(x, bits, per_token, groups)
+  codes, s = _symmetric(x, bits, per_token, groups, exact)
   return codes.reshape(x.shape).astype(jnp.int8), jnp.squeeze(1.0 / s, axis=-1)
 
 

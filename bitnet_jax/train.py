@@ -113,11 +113,25 @@ def loss_fn(model: Transformer, batch: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
 
-@functools.partial(nnx.jit, static_argnames=("quant_warmup_steps",))
-def train_step(model: Transformer, optimizer: nnx.Optimizer, batch: jax.Array, quant_warmup_steps: int = 0):
-  """One optimiser update. With `quant_warmup_steps`, every BitLinear's warm-up weight lambda is first set to
-  `optax.linear_schedule(0, 1, quant_warmup_steps)` at the optimiser's step: 0 (the FP forward) at the first
-  update, 1 (fully quantised) from update `quant_warmup_steps` on (`layers.mix_quantized`)."""
+# XLA:CPU hands reductions as well as dots to YNNPACK by default (jax 0.10); its reductions are slow at these
+# shapes (a 2048 x 1408 row sum took 60 ms in a d512 train step on an AMD EPYC), so the step's jits give it dots
+# only: 17% off that step. Not applied where XLA_FLAGS already chooses, nor where the option is unknown.
+_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+
+
+@functools.cache
+def compiler_options(backend: str) -> dict:
+  """The XLA compiler options of the train and eval steps on `backend` (`jax.default_backend()`)."""
+  if backend != "cpu" or "ynn_fusion_type" in os.environ.get("XLA_FLAGS", ""):
+    return {}
+  try:
+    jax.jit(jnp.sum, compiler_options=_CPU_OPTIONS).lower(jnp.ones(4)).compile()
+  except Exception:   # an XLA without the option: its default is fine  # noqa: BLE001
+    return {}
+  return dict(_CPU_OPTIONS)
+
+
+def _update(model: Transformer, optimizer: nnx.Optimizer, batch: jax.Array, quant_warmup_steps: int):
   if quant_warmup_steps:
     set_quant_mix(model, optax.linear_schedule(0.0, 1.0, quant_warmup_steps)(optimizer.step[...]))
   loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
@@ -126,9 +140,44 @@ def train_step(model: Transformer, optimizer: nnx.Optimizer, batch: jax.Array, q
   return loss, optax.tree.norm(grads), optim.current_lr(optimizer.opt_state)
 
 
-@nnx.jit
+@functools.cache
+def _jitted_step(backend: str, quant_warmup_steps: int):
+  def step(graphdef, state, batch):
+    model, optimizer = nnx.merge(graphdef, state)
+    out = _update(model, optimizer, batch, quant_warmup_steps)
+    return out, nnx.state((model, optimizer))
+  return jax.jit(step, static_argnums=0, compiler_options=compiler_options(backend))
+
+
+def train_step(model: Transformer, optimizer: nnx.Optimizer, batch: jax.Array, quant_warmup_steps: int = 0):
+  """One optimiser update, in place on model and optimizer; returns (loss, gradient norm, learning rate).
+
+  With `quant_warmup_steps`, every BitLinear's warm-up weight lambda is first set to
+  `optax.linear_schedule(0, 1, quant_warmup_steps)` at the optimiser's step: 0 (the FP forward) at the first
+  update, 1 (fully quantised) from update `quant_warmup_steps` on (`layers.mix_quantized`). A `jax.jit` of the
+  split state (not `nnx.jit`, which takes no compiler options: `compiler_options`)."""
+  graphdef, state = nnx.split((model, optimizer))
+  out, state = _jitted_step(jax.default_backend(), quant_warmup_steps)(graphdef, state, batch)
+  nnx.update((model, optimizer), state)
+  return out
+
+
+def lower_step(model: Transformer, optimizer: nnx.Optimizer, batch, quant_warmup_steps: int = 0):
+  """`train_step` lowered (not run) for these (possibly abstract) model, optimiser and batch."""
+  graphdef, state = nnx.split((model, optimizer))
+  return _jitted_step(jax.default_backend(), quant_warmup_steps).lower(graphdef, state, batch)
+
+
+@functools.cache
+def _jitted_eval(backend: str):
+  return jax.jit(lambda graphdef, state, batch: loss_fn(nnx.merge(graphdef, state), batch), static_argnums=0,
+                 compiler_options=compiler_options(backend))
+
+
 def eval_step(model: Transformer, batch: jax.Array) -> jax.Array:
-  return loss_fn(model, batch)
+  """The loss of `batch` (`loss_fn`), jitted."""
+  graphdef, state = nnx.split(model)
+  return _jitted_eval(jax.default_backend())(graphdef, state, batch)
 
 
 def weight_memory(model: Transformer) -> dict[str, float]:
@@ -415,7 +464,7 @@ def lower_train_step(config: ml_collections.ConfigDict):
     model, optimizer = nnx.eval_shape(_model_and_optimizer(model_cfg, config.optim, t.steps))
     batch = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + 1), jnp.int32,
                                  sharding=sharding.batch_sharding(mesh, rules))
-    lowered = train_step.lower(model, optimizer, batch)
+    lowered = lower_step(model, optimizer, batch)
   return lowered, model_cfg, {"model": nnx.state(model), "optimizer": nnx.state(optimizer), "mesh": mesh}
 
 

@@ -29,3 +29,21 @@ def test_matvec_runs_every_kernel_row_in_the_interpreter_and_checks_them():
   stack = [float(v) for v in re.findall(r"# stack check 128x256 batch \d: max \|.*\| = (\S+)", out)]
   assert len(kernel) == 2 and max(kernel) < 1e-5, out
   assert len(stack) == 2 and max(stack) < 1e-5, out
+
+
+def test_train_step_benchmark_runs_ours_and_the_peer_in_one_table():
+  """benchmarks/train_step.py --peer on tiny dims: our FAQ and 2B4T rows and transformers' BitNet rows (torch, in a
+  subprocess), each with a positive time and the ratios the README quotes; --profile's op-kind table."""
+  out = subprocess.run([sys.executable, "benchmarks/train_step.py", "--d-model", "64", "--layers", "1", "--seq", "16",
+                        "--batch", "2", "--d-ff", "128", "--repeats", "1", "--peer-repeats", "1", "--variants", "fp",
+                        "--exact", "--peer", "--profile"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900, check=True).stdout
+  table, profile = out.split("Profile of 3 steps")
+  rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.split("|")[1:-1]]
+                                            for line in table.splitlines() if line.startswith("| "))}
+  for name in ("fp", "b158 exact", "fp 2B4T", "b158 2B4T", "peer: HF BitNet fp nn.Linear, eager",
+               "peer: HF BitNet b1.58 AutoBitLinear, eager"):
+    assert float(rows[name][0]) > 0, (name, out)
+  assert rows["fp 2B4T"][2] == "1.000" and float(rows["b158 2B4T"][3]) > 0, out   # ratios to our fp, to the peer
+  assert "torch 2." in out and " cores; " in out, out   # versions and the CPU the figures came from
+  assert "| dots | transposes and copies |" in profile and "| b158 2B4T |" in profile, out

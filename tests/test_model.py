@@ -212,3 +212,52 @@ def test_sequence_longer_than_max_seq_len_is_refused():
   model = Transformer(ModelConfig(**TINY, variant="fp"), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="exceeds ModelConfig.max_seq_len=32"):
     model(jnp.zeros((1, 33), jnp.int32))
+
+
+# ---------------------------------------------------------------- fused projections and exact mode
+LAYOUT_2B4T = dict(ffn="relu2_glu", linear_norm=None, block_norm="rms", sub_norms=True, tie_embeddings=True)
+
+
+def _dots(model, tokens) -> int:
+  import jaxprs   # tests/jaxprs.py
+  graphdef, state = nnx.split(model)
+  jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens))(state)
+  return sum(e.primitive.name == "dot_general" for e in jaxprs.equations(jaxpr.jaxpr))
+
+
+@pytest.mark.parametrize("variant,layout,fusable", [("fp", "2b4t", True), ("b158", "2b4t", True),
+                                                    ("b158", "faq", False), ("bitnet", "faq", False)])
+def test_fused_projections_compute_the_separate_projections(variant, layout, fusable):
+  """`fuse_projections`: q/k/v (and gate/up) as one matmul over their concatenated kernels, each quantised with its
+  own statistic, is the function of the separate projections (float32 rounding of a differently shaped dot), with
+  the same gradients; the FAQ form (a norm gain per projection) keeps separate matmuls."""
+  extra = LAYOUT_2B4T if layout == "2b4t" else {}
+  cfg = ModelConfig(**{**TINY, "n_kv_heads": 2}, variant=variant, **extra)
+  separate = Transformer(cfg, rngs=nnx.Rngs(5))
+  fused = Transformer(cfg.replace(fuse_projections=True), rngs=nnx.Rngs(5))
+  np.testing.assert_array_equal(*(np.asarray(m.blocks[0].attn.k_proj.kernel[...]) for m in (separate, fused)))
+  tokens = _tokens()
+  n_sep, n_fused = _dots(separate, tokens), _dots(fused, tokens)
+  gated = 1 if cfg.ffn in ("swiglu", "relu2_glu") else 0
+  assert n_sep - n_fused == (cfg.n_layers * (2 + gated) if fusable else 0), (n_sep, n_fused)
+  np.testing.assert_allclose(np.asarray(fused(tokens)), np.asarray(separate(tokens)), rtol=1e-5, atol=1e-5)
+
+  def loss(m):
+    return jnp.mean(m(tokens) ** 2)
+  g_sep, g_fused = (nnx.state(nnx.grad(loss)(m), nnx.Param) for m in (separate, fused))
+  for (path, a), (_, b) in zip(nnx.to_flat_state(g_sep), nnx.to_flat_state(g_fused)):
+    np.testing.assert_allclose(np.asarray(b[...]), np.asarray(a[...]), rtol=1e-4, atol=1e-6, err_msg=str(path))
+
+
+def test_exact_quant_reaches_every_bitlinear_and_differs_from_the_default_by_rounding_only():
+  cfg = ModelConfig(**TINY, variant="b158")
+  default, exact = Transformer(cfg, rngs=nnx.Rngs(2)), Transformer(cfg.replace(exact_quant=True), rngs=nnx.Rngs(2))
+  from bitnet_jax.layers import BitLinear
+  flags = [(m.exact, e.exact) for (_, m), (_, e) in zip(nnx.iter_graph(default), nnx.iter_graph(exact))
+           if isinstance(m, BitLinear)]
+  assert len(flags) == 7 * cfg.n_layers and all(f == (False, True) for f in flags)
+  tokens = _tokens()
+  a, b = np.asarray(jax.jit(lambda t: default(t))(tokens)), np.asarray(exact(tokens))
+  # A code may flip at a rounding tie, so the logits agree closely but not bit for bit.
+  np.testing.assert_allclose(a, b, rtol=0, atol=2e-2 * np.abs(b).max())
+  assert np.median(np.abs(a - b)) <= 1e-5 * np.abs(b).max()

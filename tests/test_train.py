@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -276,3 +277,22 @@ def test_compare_job_prints_a_table_and_plots(tmp_path, capsys):
   assert "| b158-tiny |" in out and "| fp-tiny |" in out and "greedy sample" in out
   assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
   assert len(result["b158-tiny"]["sample"]) > 0
+
+
+def test_compiler_options_give_ynnpack_dots_only_on_cpu_and_yield_to_xla_flags(monkeypatch):
+  """The train and eval steps hand XLA:CPU's library fusions dots only (`train.compiler_options`); nothing on other
+  backends, and nothing when XLA_FLAGS already sets the option (the user's choice wins)."""
+  train.compiler_options.cache_clear()
+  opts = train.compiler_options("cpu")
+  assert opts == {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+  assert train.compiler_options("gpu") == {} and train.compiler_options("tpu") == {}
+  train.compiler_options.cache_clear()
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise")
+  assert train.compiler_options("cpu") == {}
+  train.compiler_options.cache_clear()
+  # A reduction compiled with the options is not a library (ynn) fusion; the dot still is.
+  f = jax.jit(lambda x, w: jnp.sum(jnp.square(x @ w), axis=-1), compiler_options=opts)
+  x = jnp.ones((64, 32), jnp.float32)
+  hlo = f.lower(x, x.T).compile().as_text()
+  ynn = [line for line in hlo.splitlines() if "__ynn_fusion" in line and " fusion(" in line]
+  assert ynn and all("dot" in line for line in ynn), ynn
