@@ -80,7 +80,7 @@ def main(argv=None) -> None:
     loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
     loss.backward()
     optimizer.step()
-    return float(loss)
+    return loss.detach().item()
 
   t0 = time.perf_counter()
   for _ in range(args.warmup):
