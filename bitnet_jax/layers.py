@@ -129,7 +129,7 @@ class BitLinear(nnx.Module):
       uses `x + lambda * stop_gradient(q(x) - x)` for the weights and the activations (`mix_quantized`);
       the trainer ramps lambda from 0 to 1 (`config.train.quant_warmup_steps`). Off (None): no extra state.
     exact: quantise in the reference operation order, bit for bit (`quant`'s `exact=True`); the default lets
-      XLA fuse the quantisers (codes equal except at rounding ties, scales within an ulp or two).
+      XLA fuse the quantisers (codes equal except at rounding ties, scales within float32 summation order).
   """
 
   def __init__(self, in_features: int, out_features: int, *, weight_quant: str = "ternary",
@@ -241,7 +241,7 @@ def dense(x: jax.Array, w: jax.Array) -> jax.Array:
 
   The same function and gradients as `jnp.einsum("...i,io->...o", x, w)`; the weight gradient is formed as one
   [M, K]^T [M, N] contraction of the flattened tokens. Left to autodiff, XLA:CPU made each weight gradient of a
-  b158 (FAQ form) train step a transposed copy plus a slower dot: this form took that step from 1.13x to 1.04x
+  b158 (FAQ form) train step a transposed copy plus a slower dot: this form took that step from 1.14x to 1.06x
   of fp in one run (AMD EPYC, benchmarks/results/cpu.md); fp steps are unchanged."""
   return jnp.einsum("...i,io->...o", x, w)
 

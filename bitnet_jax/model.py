@@ -116,7 +116,7 @@ class ModelConfig:
   # (`config.train.quant_warmup_steps`): fine-tuning an FP checkpoint into b1.58 without a cliff at step 0.
   quant_warmup: bool = False
   # Quantise in the reference operation order, bit for bit (`quant`'s exact mode; parity tests). The default lets
-  # XLA fuse the quantisers: codes equal except at rounding ties, scales within an ulp or two, and a faster step.
+  # XLA fuse the quantisers: codes equal except at rounding ties, scales within float32 summation order, faster.
   exact_quant: bool = False
   # Run projections that read the same input (q/k/v, gate/up) as one matmul over their concatenated kernels,
   # each quantised with its own statistic (`project`). Storage and checkpoints are unchanged; only layouts
@@ -290,9 +290,9 @@ def _fusable(layers) -> bool:
   each shard's columns on its device)."""
   first = layers[0]
   same = ("weight_quant", "act_bits", "act_per_token", "act_asymmetric", "act_groups", "dtype", "exact")
-  return (all(type(l) is BitLinear and not l.integer and l.norm is None and l.quant_mix is None
-                                 and all(getattr(l, a) == getattr(first, a) for a in same) for l in layers)
-          and not _tensor_parallel())
+  alike = all(type(l) is BitLinear and not l.integer and l.norm is None and l.quant_mix is None
+              and all(getattr(l, a) == getattr(first, a) for a in same) for l in layers)
+  return alike and not _tensor_parallel()
 
 
 def project(layers, x_btd: jax.Array, *, fuse: bool = True) -> list[jax.Array]:
@@ -300,9 +300,9 @@ def project(layers, x_btd: jax.Array, *, fuse: bool = True) -> list[jax.Array]:
 
   Fused (`ModelConfig.fuse_projections`, where `_fusable`): the input is prepared (activation-quantised) once
   and multiplied by the concatenation of the layers' effective kernels, each quantised with its own statistic
-  (its own block grid), then split: the same function as separate projections, as one larger matmul (fewer,
-  larger dots run closer to the machine's peak, and the backward's weight gradients are one dot too).
-  Otherwise each layer runs on its own, sharing the gain-free norm of x where they have one."""
+  (its own block grid), then split: the same function as separate projections, as one larger matmul (on a
+  GPU, fewer and larger GEMMs; on the CPU measured slower, so off by default). Otherwise each layer runs on its
+  own, sharing the gain-free norm of x where they have one."""
   if fuse and len(layers) > 1 and all(isinstance(l, BitLinear) for l in layers) and _fusable(layers):
     x = layers[0].prepare_input(x_btd)
     w = jnp.concatenate([l.effective_kernel() for l in layers], axis=1)

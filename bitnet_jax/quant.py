@@ -16,12 +16,12 @@ Formulas (see ../shared/PAPERS.md):
 
 Two operation orders (`exact=`, a static keyword of every quantiser):
   * `exact=False`, the default: XLA may fuse and re-associate the statistics (`sum / n` becomes `sum * (1 / n)`,
-    `codes / s` becomes `codes * (1 / s)`). Fast; the codes equal exact mode's except where a value sits within
-    an ulp of a rounding tie, and the scales differ by at most an ulp or two (`tests/test_quant.py` measures it).
+    `codes / s` becomes `codes * (1 / s)`). Fast; the codes equal exact mode's except where a value sits on a
+    rounding tie, and a scale differs by the rounding of a float32 sum in another order (`tests/test_quant.py`).
   * `exact=True`: the reference code's operation order, pinned with `optimization_barrier`s (`_pin`), so the
     result equals the FAQ reference bit for bit wherever the float32 reductions themselves agree (they can differ
-    between CPUs and between jit and eager: XLA picks the summation order). The oracle tests and the Hugging
-    Face / llama.cpp parity tests run in this mode (`ModelConfig.exact_quant`).
+    between CPUs and between jit and eager: XLA picks the summation order). The oracle tests run in this mode;
+    a model takes it from `ModelConfig.exact_quant`.
 
 Deviation from the BitNet text, named: the paper scales activations by `Q_b = 2^(b-1)` and clips to
 `[-Q_b + eps, Q_b - eps]`, which after rounding would produce the code 2^(b-1), outside a signed b-bit integer.
@@ -127,7 +127,8 @@ def _pin(stat: jax.Array, exact: bool) -> jax.Array:
   XLA re-associates through scales (`x / (q / g)`, `w * (1 / m)`) and turns a division by a broadcast or a
   constant into a multiplication by its reciprocal (`sum / n` -> `sum * (1 / n)`); each rounds differently from
   the reference code's operation order. Values passed through this barrier are opaque to those rewrites, and to
-  fusion: the barriers cost about a fifth of a b158 train step on the CPU, which is why they are opt-in.
+  fusion: the barriers cost a fifth of a b158 train step on an Intel Xeon and 3-4% on an AMD EPYC
+  (benchmarks/results/cpu.md), which is why they are opt-in.
   """
   return jax.lax.optimization_barrier(stat) if exact else stat
 
