@@ -75,20 +75,16 @@ def _time_once(fn) -> float:
   return time.perf_counter() - t0
 
 
-def interleaved_times(fns: dict, repeats: int) -> dict[str, list[float]]:
-  """Times of each callable, measured round-robin (one call of each per round) after one warm-up call each, so
-  that drifting load on a shared machine hits every row alike."""
+def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
+  """Median time of each callable, measured round-robin (one call of each per round) after one warm-up call each,
+  so that drifting load on a shared machine hits every row alike."""
   for fn in fns.values():
     fn()
   times = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
       times[name].append(_time_once(fn))
-  return times
-
-
-def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
-  return {name: statistics.median(ts) for name, ts in interleaved_times(fns, repeats).items()}
+  return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
@@ -232,12 +228,12 @@ def main() -> None:
     flops = step_flops(cfg, args.batch, args.seq)
     print(f"| {name} | {t * 1e3:.1f} | {tokens / t:.0f} | {t / base:.3f} | "
           f"{f'{t / peer:.3f}' if peer else '-'} | {flops / t / 1e9:.1f} | {flops / t / peak:.0%} |")
+  peer_flops = step_flops(rows["fp 2B4T"][1], args.batch, args.seq) if args.peer else 0.0   # the same model
   for (variant, compiled), t in peer_med.items():
     label = f"peer: HF BitNet {'fp nn.Linear' if variant == 'fp' else 'b1.58 AutoBitLinear'}, " \
             f"{'torch.compile' if compiled else 'eager'}"
     print(f"| {label} | {t * 1e3:.1f} | {tokens / t:.0f} | {t / medians['fp 2B4T']:.3f} | "
-          f"{t / peer_med[(variant, False)]:.3f} | {step_flops(rows['fp 2B4T'][1], args.batch, args.seq) / t / 1e9:.1f} "
-          f"| {step_flops(rows['fp 2B4T'][1], args.batch, args.seq) / t / peak:.0%} |")
+          f"{t / peer_med[(variant, False)]:.3f} | {peer_flops / t / 1e9:.1f} | {peer_flops / t / peak:.0%} |")
 
   if args.profile:
     print("\nProfile of 3 steps per row (ms per step; kernels may overlap, so kinds can sum past the busy time):\n")

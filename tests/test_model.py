@@ -9,6 +9,8 @@ import optax
 import pytest
 from flax import nnx
 
+from jaxprs import equations
+from bitnet_jax.layers import BitLinear
 from bitnet_jax.model import PRESETS, ModelConfig, Transformer, count_params, preset
 
 TINY = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=32)
@@ -219,10 +221,9 @@ LAYOUT_2B4T = dict(ffn="relu2_glu", linear_norm=None, block_norm="rms", sub_norm
 
 
 def _dots(model, tokens) -> int:
-  import jaxprs   # tests/jaxprs.py
   graphdef, state = nnx.split(model)
   jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens))(state)
-  return sum(e.primitive.name == "dot_general" for e in jaxprs.equations(jaxpr.jaxpr))
+  return sum(e.primitive.name == "dot_general" for e in equations(jaxpr.jaxpr))
 
 
 @pytest.mark.parametrize("variant,layout,fusable", [("fp", "2b4t", True), ("b158", "2b4t", True),
@@ -252,7 +253,6 @@ def test_fused_projections_compute_the_separate_projections(variant, layout, fus
 def test_exact_quant_reaches_every_bitlinear_and_differs_from_the_default_by_rounding_only():
   cfg = ModelConfig(**TINY, variant="b158")
   default, exact = Transformer(cfg, rngs=nnx.Rngs(2)), Transformer(cfg.replace(exact_quant=True), rngs=nnx.Rngs(2))
-  from bitnet_jax.layers import BitLinear
   flags = [(m.exact, e.exact) for (_, m), (_, e) in zip(nnx.iter_graph(default), nnx.iter_graph(exact))
            if isinstance(m, BitLinear)]
   assert len(flags) == 7 * cfg.n_layers and all(f == (False, True) for f in flags)
