@@ -24,7 +24,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bitnet_jax import generate, train  # noqa: E402
+from bitnet_jax import cli, generate, train  # noqa: E402
 
 
 def _load_config(name: str, steps: int | None):
@@ -76,23 +76,29 @@ def table(summaries: list[dict]) -> str:
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  argv = cli.strip_debug(sys.argv[1:] if argv is None else argv)
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   epilog="--debug shows the traceback of an error")
   parser.add_argument("--workdir", default="runs/quickstart")
   parser.add_argument("--size", default="small", help="config size suffix in configs/lm.py (tiny, small)")
   parser.add_argument("--variants", default="b158,fp", help="comma-separated: b158, fp, bitnet")
   parser.add_argument("--steps", type=int, default=None, help="override train.steps")
   parser.add_argument("--sample-tokens", type=int, default=80)
   args = parser.parse_args(argv)
+  if args.steps is not None and args.steps < 1:
+    parser.error(f"--steps must be a positive int, got {args.steps}")
   from absl import logging
   logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
 
   workdir = Path(args.workdir)
   names = [f"{v}-{args.size}" for v in args.variants.split(",") if v]
+  if not names:
+    raise ValueError(f"--variants={args.variants!r} names no variant (expected e.g. b158,fp)")
+  configs = {name: _load_config(name, args.steps) for name in names}   # a bad name fails before any training
   summaries = []
   for name in names:
     print(f"== {name} ==", flush=True)
-    config = _load_config(name, args.steps)
-    summary = train.train_and_evaluate(config, workdir / name)
+    summary = train.train_and_evaluate(configs[name], workdir / name)
     if args.sample_tokens:
       summary["sample"] = sample(workdir / name, args.sample_tokens)
     summaries.append(summary)
@@ -107,4 +113,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run("compare", main)

@@ -8,6 +8,7 @@ TFDS itself is imported on first use, so `import bitnet_jax.data` stays light.
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Sequence
 
@@ -78,11 +79,34 @@ def build_text_dir(files: Sequence[tuple[str, str]], *, fingerprint: str, root: 
   return builder.as_data_source(split="train")
 
 
+def _not_found(name: str, data_dir: str | None) -> ValueError:
+  """One line for a dataset TFDS does not know (its own message lists all ~250 builders over ~260 lines)."""
+  import tensorflow_datasets as tfds
+  base = name.split(":")[0].split("/")[0]
+  known = tfds.list_builders(with_community_datasets=False)   # the community index needs TensorFlow and a network
+  close = difflib.get_close_matches(base, known, n=3)
+  hint = f"did you mean {', '.join(close)}? " if close else ""
+  return ValueError(f"tfds:{name}: TFDS knows no dataset {base!r} (no builder registered under that name, none "
+                    f"prepared under {data_dir or tfds.core.constants.DATA_DIR}); {hint}"
+                    "`tensorflow_datasets.list_builders(with_community_datasets=False)` lists the registered ones")
+
+
 def open_tfds(name: str, split: str, data_dir: str | None):
   """(train source, validation source or None) of a registered dataset; validation is its `validation` split,
-  else its `test` split, unless that is the split being trained on."""
+  else its `test` split, unless that is the split being trained on.
+
+  Raises ValueError (one line) for a dataset name, or version, that TFDS does not have.
+  """
   import tensorflow_datasets as tfds
-  all_splits = tfds.data_source(name, data_dir=data_dir)
+  try:
+    all_splits = tfds.data_source(name, data_dir=data_dir)
+  except tfds.core.DatasetNotFoundError as e:
+    raise _not_found(name, data_dir) from e
+  except AssertionError as e:   # TFDS asserts on a version it does not have
+    version = re.search(r"Dataset \S+ cannot be loaded at version .*", str(e))
+    if version is None:
+      raise
+    raise ValueError(f"tfds:{name}: {version.group(0)}") from e
   train_source = all_splits[split] if split in all_splits else tfds.data_source(name, split=split,
                                                                                 data_dir=data_dir)
   base_split = re.split(r"[\[+]", split, maxsplit=1)[0]

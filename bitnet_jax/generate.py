@@ -289,16 +289,21 @@ def greedy(model: Transformer, prompt_tokens, max_new_tokens: int, *, kv_dtype: 
 # --------------------------------------------------------------------------------------------------------------
 def load_run(workdir, *, step: int | None = None) -> tuple[Transformer, Tokenizer]:
   """(model, tokenizer) of a training run: its checkpoint at `step` (default the latest) and the tokenizer its
-  config names. FileNotFoundError names a directory that is not a run or has no such checkpoint."""
-  from bitnet_jax import tokenizer, train   # loading alone needs train (orbax, grain) and the tokenizer files
+  config names. FileNotFoundError names a directory that is not a run or has no such checkpoint; a ValueError
+  a tokenizer file that is not the one the run trained with (`runs.check_tokenizer`)."""
+  from bitnet_jax import runs, tokenizer, train   # loading alone needs train (orbax, grain), the tokenizer files
   model, config = train.load_checkpoint(workdir, step=step)
-  return model, tokenizer.make_tokenizer(config.data.get("tokenizer", "byte"))
+  tok = tokenizer.make_tokenizer(config.data.get("tokenizer", "byte"))
+  runs.check_tokenizer(workdir, tok)
+  return model, tok
 
 
 def main(argv: list[str] | None = None) -> str:
   """Loads a run's latest checkpoint, prints the continuation of --prompt and the decoding speed; returns the
-  text. A missing run or checkpoint, or bad arguments, end the process with a one-line message."""
-  parser = argparse.ArgumentParser(description="Sample from a trained bitnet_jax run (KV-cache decoding).")
+  text. Run as a script (`cli.run`), a missing run or checkpoint, or bad arguments, end the process with a one-line
+  message."""
+  parser = argparse.ArgumentParser(description="Sample from a trained bitnet_jax run (KV-cache decoding).",
+                                   epilog="--debug shows the traceback of an error")
   parser.add_argument("--workdir", required=True, help="a training run directory (config.json, checkpoints/)")
   parser.add_argument("--prompt", default="def ", help="text to continue")
   parser.add_argument("--max_new_tokens", type=int, default=80)
@@ -311,20 +316,17 @@ def main(argv: list[str] | None = None) -> str:
   from absl import logging
   logging.set_verbosity(logging.WARNING)   # orbax logs every restore at INFO
 
-  try:
-    model, tok = load_run(args.workdir)
-    prompt = np.asarray(tok.encode(args.prompt), np.int32)[None]
-    run = lambda: jax.block_until_ready(generate(
-        model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        seed=args.seed, kv_dtype=args.kv_cache))
-    t0 = time.perf_counter()
-    run()                                   # compiles
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out = run()
-    seconds = time.perf_counter() - t0
-  except (FileNotFoundError, ValueError) as e:
-    raise SystemExit(f"generate: error: {e}") from None
+  model, tok = load_run(args.workdir)
+  prompt = np.asarray(tok.encode(args.prompt), np.int32)[None]
+  run = lambda: jax.block_until_ready(generate(
+      model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+      seed=args.seed, kv_dtype=args.kv_cache))
+  t0 = time.perf_counter()
+  run()                                   # compiles
+  first = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  out = run()
+  seconds = time.perf_counter() - t0
   text = tok.decode(np.asarray(out[0]))
   print(text)
   print(f"-- {args.max_new_tokens} new tokens in {seconds:.3f} s: {args.max_new_tokens / seconds:.1f} tokens/s "
@@ -334,4 +336,5 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  from bitnet_jax import cli
+  cli.run("generate", main)

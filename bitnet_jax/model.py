@@ -34,13 +34,14 @@ import dataclasses
 import functools
 import itertools
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.core import spmd
 
-from bitnet_jax import kv_cache
+from bitnet_jax import cli, kv_cache
 from bitnet_jax.kv_cache import KVCache, LayerKV
 from bitnet_jax.layers import (NORM_KINDS, WEIGHT_QUANTIZERS, BitLinear, Norm, dense, logical_constraint,
                                make_param)
@@ -593,7 +594,9 @@ def _fmt(n: int) -> str:
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description="bitnet_jax model presets (the papers' configs).")
+  argv = cli.strip_debug(sys.argv[1:] if argv is None else argv)
+  parser = argparse.ArgumentParser(description="bitnet_jax model presets (the papers' configs).",
+                                   epilog="--debug shows the traceback of an error")
   parser.add_argument("--list", action="store_true", help="print every preset with its parameter counts")
   args = parser.parse_args(argv)
   if not args.list:
@@ -609,4 +612,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run("model", main)

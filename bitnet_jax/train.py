@@ -1,22 +1,35 @@
-"""train: the training loop, checkpoints, metrics and the CLI (model -> sharding -> train -> experiments).
+"""train: the training loop, its run record and the CLI (model -> sharding -> step -> train -> experiments).
 
     python -m bitnet_jax.train --config=configs/lm.py:b158-tiny --workdir=runs/b158-tiny [--config.train.steps=50]
 
-`train_and_evaluate(config, workdir)` reads top to bottom in phases: run record, data, model and optimiser,
-step functions, restore, loop, summary. Re-running the same command on the same workdir resumes from the latest
-complete checkpoint (model, optimiser state, data-iterator position and step are all in it), and a resumed run
-produces the same loss at every step as an uninterrupted one (bitwise on CPU; tested with a real SIGKILL).
+`train_and_evaluate(config, workdir)` reads top to bottom in phases: mesh and checks, data and the resume check,
+model and optimiser, restore, loop, summary. Re-running the same command on the same workdir resumes from the
+newest intact checkpoint (model, optimiser state, data-iterator position and step are all in it), and a resumed
+run produces the same loss at every step as an uninterrupted one (bitwise on CPU; tested with a real SIGKILL).
 
-Outputs in the workdir: `config.json`, `data.json` (corpus fingerprint), `metrics.jsonl` (one object per logged
-step: step, loss, lr, grad_norm, tokens_per_s, and eval_loss / eval_ppl / eval_bits_per_token when evaluated),
-`tensorboard/` (the same scalars as TensorBoard events), `checkpoints/`, `summary.json`.
+What guards a run (tests/test_faults.py):
+- one trainer per workdir (`runs.WorkdirLock`, WORKDIR/LOCK);
+- a resume that would change the run (model, quantisation, data, tokenizer, batch, sequence length, schedule) is
+  refused before anything is written (`runs.check_resume`); safe changes are recorded in `run_history.jsonl`;
+- a NaN or Inf loss or gradient norm stops the run, and every save first checks the state finite, so every
+  checkpoint is finite (`NonFiniteLossError` names the last one);
+- every checkpoint carries checksums of its arrays; a step that fails them or fails to restore is skipped with a
+  warning and moved to `checkpoints_corrupt/` (`checkpoint.restore_intact`, `checkpoint.quarantine`);
+- a failed background save (disk full, permissions) stops the run with one line once it has resolved;
+- `config.json`, `data.json`, `metrics.jsonl` and `summary.json` are replaced atomically, and a torn last line of
+  `metrics.jsonl` is dropped on resume.
+
+Outputs in the workdir: `config.json`, `data.json` (corpus and tokenizer fingerprints), `metrics.jsonl` (one
+object per logged step: step, loss, lr, grad_norm, tokens_per_s, and eval_loss / eval_ppl / eval_bits_per_token
+when evaluated), `tensorboard/` (the same scalars as TensorBoard events), `checkpoints/`, `run_history.jsonl`
+(one row per invocation), `summary.json`; `LOCK` while a trainer runs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
+import logging
 import math
 import os
 import sys
@@ -25,184 +38,27 @@ from pathlib import Path
 
 import grain
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
-from bitnet_jax import data, optim, sharding
-from bitnet_jax.layers import BitLinear, set_quant_mix
+from bitnet_jax import checkpoint, cli, data, runs, sharding
 from bitnet_jax.model import ModelConfig, Transformer, count_params
+# The step, the weights and the plan live in their own modules; `train.X` keeps naming them all.
+from bitnet_jax.plan import dry_run, format_dry_run, lower_train_step  # noqa: F401
+from bitnet_jax.runs import read_metrics  # noqa: F401
+from bitnet_jax.step import (  # noqa: F401
+    _check_config, _model_and_optimizer, _warmup_steps, compiler_options, eval_step, loss_fn, lower_step,
+    model_config_from, setup_mesh, train_step, weight_memory)
+from bitnet_jax.weights import init_from, load_checkpoint, load_init_source  # noqa: F401
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN or Inf; the run stopped before checkpointing that state."""
-
-
-def model_config_from(config: ml_collections.ConfigDict) -> ModelConfig:
-  """The config's ModelConfig; a quantisation warm-up in `config.train` gives the BitLinears their lambda."""
-  fields = config.model.to_dict()
-  if _warmup_steps(config):
-    fields["quant_warmup"] = True
-  return ModelConfig(**fields)
-
-
-def _warmup_steps(config: ml_collections.ConfigDict) -> int:
-  return config.train.get("quant_warmup_steps", 0)
-
-
-def setup_mesh(config: ml_collections.ConfigDict):
-  """(mesh, rules, model config) for `config`: the mesh over all devices of all processes, the logical-axis rules,
-  and the model config with its quantisation groups aligned to the shards (`sharding.per_shard_groups`)."""
-  sh = config.get("sharding", ml_collections.ConfigDict())
-  mesh = sharding.make_mesh(config.get("mesh", {"data": -1}))
-  rules = sharding.rules_from(sh.get("rules"))
-  model_cfg = model_config_from(config)
-  if sh.get("per_shard_groups", True):
-    model_cfg = sharding.with_quant_groups(model_cfg, mesh, rules)
-  sharding.check_model(model_cfg, mesh, rules)
-  return mesh, rules, model_cfg
-
-
-def _check_config(config: ml_collections.ConfigDict, model_cfg: ModelConfig, tokenizer: data.Tokenizer,
-                  n_batch_shards: int) -> None:
-  t = config.train
-  for key in ("steps", "batch_size", "seq_len", "eval_every", "checkpoint_every", "log_every", "keep_checkpoints"):
-    if not isinstance(t[key], int) or t[key] < 1:
-      raise ValueError(f"config.train.{key} must be a positive int, got {t[key]!r}")
-  if t.seq_len > model_cfg.max_seq_len:
-    raise ValueError(f"config.train.seq_len={t.seq_len} is longer than the model's maximum "
-                     f"config.model.max_seq_len={model_cfg.max_seq_len}")
-  if t.batch_size % n_batch_shards:
-    raise ValueError(f"config.train.batch_size={t.batch_size} is not divisible by the {n_batch_shards} "
-                     f"data-parallel shards of the mesh (mesh.data x mesh.fsdp)")
-  warmup = t.get("quant_warmup_steps", 0)
-  if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
-    raise ValueError(f"config.train.quant_warmup_steps must be a non-negative int, got {warmup!r}")
-  if warmup and model_cfg.weight_quant == "none":
-    raise ValueError(f"config.train.quant_warmup_steps={warmup} needs a quantised variant; "
-                     f"config.model.variant={model_cfg.variant!r} quantises nothing")
-  if model_cfg.vocab_size < tokenizer.vocab_size:
-    raise ValueError(f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
-                     f"{tokenizer.vocab_size} ids ({tokenizer.name}); set "
-                     f"--config.model.vocab_size={tokenizer.vocab_size}")
-
-
-def _check_resume_groups(workdir: Path, model_cfg: ModelConfig) -> None:
-  """A checkpoint trained with other quantisation groups is a different function: refuse to resume it silently
-  (per-shard groups follow the mesh, so a new mesh shape would change them)."""
-  saved = workdir / "config.json"
-  if not saved.exists() or not (workdir / "checkpoints").exists():
-    return
-  old = json.loads(saved.read_text()).get("model", {})
-  for key in ("groups", "fsdp_groups"):
-    if key in old and old[key] != getattr(model_cfg, key):
-      raise ValueError(f"{workdir} was trained with model.{key}={old[key]} but this mesh gives "
-                       f"{getattr(model_cfg, key)}; to resume on this mesh set "
-                       f"--config.sharding.per_shard_groups=False --config.model.groups={old.get('groups', 1)} "
-                       f"--config.model.fsdp_groups={old.get('fsdp_groups', 1)}")
-
-
-def loss_fn(model: Transformer, batch: jax.Array) -> jax.Array:
-  """Mean next-token cross-entropy in nats per token. batch: int32 [B, T + 1]."""
-  logits = model(batch[:, :-1])
-  return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
-
-
-# XLA:CPU hands reductions as well as dots to YNNPACK by default (jax 0.10); its reductions are slow at these
-# shapes (a 2048 x 1408 row sum took 60 ms in a d512 train step on an AMD EPYC), so the step's jits give it dots
-# only: 17% off that step. Not applied where XLA_FLAGS already chooses, nor where the option is unknown.
-_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
-
-
-@functools.cache
-def compiler_options(backend: str) -> dict:
-  """The XLA compiler options of the train and eval steps on `backend` (`jax.default_backend()`)."""
-  if backend != "cpu" or "ynn_fusion_type" in os.environ.get("XLA_FLAGS", ""):
-    return {}
-  try:
-    jax.jit(jnp.sum, compiler_options=_CPU_OPTIONS).lower(jnp.ones(4)).compile()
-  except Exception:   # an XLA without the option: its default is fine  # noqa: BLE001
-    return {}
-  return dict(_CPU_OPTIONS)
-
-
-def _update(model: Transformer, optimizer: nnx.Optimizer, batch: jax.Array, quant_warmup_steps: int):
-  if quant_warmup_steps:
-    set_quant_mix(model, optax.linear_schedule(0.0, 1.0, quant_warmup_steps)(optimizer.step[...]))
-  loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
-  optimizer.update(model, grads)
-  # inject_hyperparams records the rate of the update it just applied, so it is read after `update`.
-  return loss, optax.tree.norm(grads), optim.current_lr(optimizer.opt_state)
-
-
-@functools.cache
-def _jitted_step(backend: str, quant_warmup_steps: int):
-  def step(graphdef, state, batch):
-    model, optimizer = nnx.merge(graphdef, state)
-    out = _update(model, optimizer, batch, quant_warmup_steps)
-    return out, nnx.state((model, optimizer))
-  return jax.jit(step, static_argnums=0, compiler_options=compiler_options(backend))
-
-
-def train_step(model: Transformer, optimizer: nnx.Optimizer, batch: jax.Array, quant_warmup_steps: int = 0):
-  """One optimiser update, in place on model and optimizer; returns (loss, gradient norm, learning rate).
-
-  With `quant_warmup_steps`, every BitLinear's warm-up weight lambda is first set to
-  `optax.linear_schedule(0, 1, quant_warmup_steps)` at the optimiser's step: 0 (the FP forward) at the first
-  update, 1 (fully quantised) from update `quant_warmup_steps` on (`layers.mix_quantized`). A `jax.jit` of the
-  split state (not `nnx.jit`, which takes no compiler options: `compiler_options`)."""
-  graphdef, state = nnx.split((model, optimizer))
-  out, state = _jitted_step(jax.default_backend(), quant_warmup_steps)(graphdef, state, batch)
-  nnx.update((model, optimizer), state)
-  return out
-
-
-def lower_step(model: Transformer, optimizer: nnx.Optimizer, batch, quant_warmup_steps: int = 0):
-  """`train_step` lowered (not run) for these (possibly abstract) model, optimiser and batch."""
-  graphdef, state = nnx.split((model, optimizer))
-  return _jitted_step(jax.default_backend(), quant_warmup_steps).lower(graphdef, state, batch)
-
-
-@functools.cache
-def _jitted_eval(backend: str):
-  return jax.jit(lambda graphdef, state, batch: loss_fn(nnx.merge(graphdef, state), batch), static_argnums=0,
-                 compiler_options=compiler_options(backend))
-
-
-def eval_step(model: Transformer, batch: jax.Array) -> jax.Array:
-  """The loss of `batch` (`loss_fn`), jitted."""
-  graphdef, state = nnx.split(model)
-  return _jitted_eval(jax.default_backend())(graphdef, state, batch)
-
-
-def weight_memory(model: Transformer) -> dict[str, float]:
-  """Weight bytes as trained (float32 latent) and deployed: BitLinear kernels of a quantised model at 2 bits
-  (2-bit packing) and 1.6 bits (base-3 packing) plus one float32 scale per group; everything else at 16 bits.
-  An FP model is deployed at 16 bits throughout. Computed from shapes (a model, not a measurement)."""
-  total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  linears = [m for _, m in nnx.iter_graph(model) if isinstance(m, BitLinear)]
-  quantised = [m for m in linears if m.weight_quant != "none"]
-  q_weights = sum(m.kernel[...].size for m in quantised)
-  scales = sum(math.prod(m.weight_groups) for m in quantised) * 4
-  rest16 = (total - q_weights) * 2
-  return {"trained_mb": total * 4 / 1e6,
-          "packed_2bit_mb": (q_weights * 2 / 8 + scales + rest16) / 1e6,
-          "packed_1.6bit_mb": (q_weights * 1.6 / 8 + scales + rest16) / 1e6}
-
-
-def read_metrics(path: str | os.PathLike, up_to_step: int | None = None) -> list[dict]:
-  """The rows of a `metrics.jsonl`, optionally only up to `up_to_step` (a resumed run drops the rows a killed run
-  logged after its last checkpoint)."""
-  path = Path(path)
-  if not path.exists():
-    return []
-  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-  return rows if up_to_step is None else [r for r in rows if r["step"] <= up_to_step]
+  """The loss, the gradient norm or the updated state became NaN or Inf; the run stopped before checkpointing
+  that state (every save checks the state first)."""
 
 
 def _evaluate(model: Transformer, batches: list[jax.Array]) -> dict[str, float]:
@@ -216,29 +72,83 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   `stop_at_step` ends this invocation early, with a checkpoint, at that step of the same `train.steps` run (the
   schedule is unchanged): for preemptible jobs, and for testing resume. On several processes every process
-  calls this; only process 0 writes logs, and every process writes its shards of the checkpoints.
+  calls this; only process 0 writes logs (and holds the workdir lock), and every process writes its shards of
+  the checkpoints. Nothing is written before the config and, on resume, the recorded run are checked.
   """
-  # ---------------------------------------------------------------- 1. run record, mesh, checks
+  # ---------------------------------------------------------------- 1. mesh and checks (nothing written yet)
   sharding.initialize_distributed(config.get("distributed"))
   workdir = Path(workdir)
-  main_process = jax.process_index() == 0
   mesh, rules, model_cfg = setup_mesh(config)
   tokenizer = data.make_tokenizer(config.data.get("tokenizer", "byte"))   # the checks need its vocabulary
   _check_config(config, model_cfg, tokenizer, sharding.data_parallel_size(mesh, rules))
-  _check_resume_groups(workdir, model_cfg)
+  runs.check_resume_groups(workdir, model_cfg)
   config = config.copy_and_resolve_references()
   config.model.groups, config.model.fsdp_groups = model_cfg.groups, model_cfg.fsdp_groups   # as trained
-  t = config.train
-  if main_process:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  main_process = jax.process_index() == 0
+  with (runs.WorkdirLock(workdir) if main_process else contextlib.nullcontext()), _quiet_orbax_errors():
+    return _train(config, workdir, mesh, rules, model_cfg, tokenizer, progress, stop_at_step)
 
-  # ---------------------------------------------------------------- 2. data
+
+def _finalized_steps(directory: Path) -> list[int]:
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+
+
+def _write_atomic(path: Path, text: str) -> None:
+  """Writes `path` through a temporary file and a rename: a kill leaves the old file or the new, never half."""
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+class _DropOrbaxErrors(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+@contextlib.contextmanager
+def _quiet_orbax_errors():
+  """orbax logs a failed background save from every thread that touched it (hundreds of lines for a full disk);
+  the trainer reports it once itself (`checkpoint.finished_save_error`), so those records are dropped while it
+  runs."""
+  drop, logger = _DropOrbaxErrors(), logging.getLogger("absl")
+  logger.addFilter(drop)
+  try:
+    yield
+  finally:
+    logger.removeFilter(drop)
+
+
+def _non_finite_stop(manager, directory: Path, what: str) -> NonFiniteLossError:
+  try:
+    manager.wait_until_finished()
+  except Exception:  # noqa: BLE001 (a failed save leaves the earlier steps; they are listed below)
+    pass
+  manager.close()
+  steps = _finalized_steps(directory)
+  where = (f"the last checkpoint, step {steps[-1]}, holds finite state (each save is checked first); start a new "
+           f"run from it with --config.train.init_from=run:{directory.parent}" if steps else
+           "no checkpoint was saved before it")
+  return NonFiniteLossError(f"{what}: stopping; {where}")
+
+
+def _train(config, workdir: Path, mesh, rules, model_cfg: ModelConfig, tokenizer, progress: bool,
+           stop_at_step: int | None) -> dict:
+  t = config.train
+  main_process = jax.process_index() == 0
+  ckpt_dir = (workdir / "checkpoints").absolute()
+
+  # ---------------------------------------------------------------- 2. data, and the resume check
   # Every process computes the same global batches from the seed and transfers only its own rows.
   corpus = data.load_corpus(config.data.source, valid_fraction=config.data.valid_fraction,
                             text_key=config.data.text_key, tokenizer=tokenizer)
-  if main_process:
-    (workdir / "data.json").write_text(json.dumps(corpus.summary(), indent=2))
+  config_json = config.to_json_best_effort(indent=2)
+  saved = _finalized_steps(ckpt_dir)
+  changes = (runs.check_resume(workdir, json.loads(config_json), corpus.summary(), saved[-1]) if saved
+             else {"allowed": {}, "added": []})
+  if main_process:   # the run record, written only once the checks have passed
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(workdir / "config.json", config_json)
+    _write_atomic(workdir / "data.json", json.dumps(corpus.summary(), indent=2))
   train_it = data.train_iterator(corpus.train, batch_size=t.batch_size, seq_len=t.seq_len, seed=t.seed)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   eval_set = [sharding.shard_batch(b, batch_sharding) for b in
@@ -249,34 +159,70 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     # -------------------------------------------------------------- 3. model and optimiser, sharded at creation
     model, optimizer = nnx.jit(_model_and_optimizer(model_cfg, config.optim, t.steps, t.seed))()
 
-    # -------------------------------------------------------------- 4. restore
+    # -------------------------------------------------------------- 4. restore the newest intact checkpoint
     manager = ocp.CheckpointManager(
-        (workdir / "checkpoints").absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=t.keep_checkpoints,
-                                             enable_async_checkpointing=t.async_checkpoint))
+        ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=t.keep_checkpoints,
+                                                       enable_async_checkpointing=t.async_checkpoint))
     modules = {"model": model, "optimizer": optimizer}
     state = lambda: {name: nnx.to_pure_dict(nnx.state(m)) for name, m in modules.items()}
-    start = manager.latest_step() or 0
-    if start:   # restored onto this mesh's shardings, whatever mesh wrote it
-      abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state())
-      restored = manager.restore(start, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(train_it)))
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state())   # onto this mesh, whatever mesh wrote it
+    start, restored = checkpoint.restore_intact(
+        manager, lambda s: manager.restore(s, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(train_it))),
+        lambda r: r.state)
+    start = start or 0
+    if restored is not None:
       for name, m in modules.items():
         nnx.replace_by_pure_dict(sub := nnx.state(m), restored.state[name])
         nnx.update(m, sub)
+      newer = [s for s in manager.all_steps() if s > start]
+      if newer and main_process:   # moved aside (not deleted) so that those steps can be saved again
+        moved = checkpoint.quarantine(manager, newer, workdir)
+        print(f"warning: resuming from step {start}; unusable later steps moved to "
+              f"{', '.join(map(str, moved))}", file=sys.stderr)
     elif t.get("init_from"):   # a fresh run starting from other weights (a resumed run has its own)
       report = init_from(model, load_init_source(t.init_from))
       if main_process:
         print(f"init_from {t.init_from}: {report['copied']} parameters copied, "
               f"{len(report['kept_init'])} norm gains left at their init", file=sys.stderr)
     metrics_path = workdir / "metrics.jsonl"
-    history = read_metrics(metrics_path, start)
+    history = read_metrics(metrics_path, start)   # a torn last line, and rows after `start`, dropped
     if main_process:
-      metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+      _write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+      runs.append_history(workdir, {"start_step": start, "steps": t.steps, "stop_at_step": stop_at_step,
+                                    "changes": changes["allowed"], "new_fields": changes["added"]})
+
+    pending = {"step": None}   # the step of a save that may still be in flight
+    checkpoint.quiet_failed_saves()
+
+    def check_saves() -> None:   # a failed background save stops the run once it has resolved
+      if pending["step"] is None:
+        return
+      error = checkpoint.finished_save_error(manager)
+      if error is None and not manager.is_saving_in_progress():
+        pending["step"] = None
+      elif error is not None:
+        failed, pending["step"] = pending["step"], None
+        try:
+          manager.close()
+        except Exception:  # noqa: BLE001 (the same error again)
+          pass
+        done = [s for s in _finalized_steps(ckpt_dir) if s != failed]
+        raise checkpoint.CheckpointError(
+            f"saving the checkpoint of step {failed} to {ckpt_dir} failed: {checkpoint.save_error(error)}; the "
+            f"last complete checkpoint is {f'step {done[-1]}' if done else 'none'}; free space (or fix the "
+            "permissions) and rerun the same command to resume from it")
 
     def save(step: int) -> None:
-      manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state()),
-                                                 data=grain.checkpoint.CheckpointSave(train_it)))
+      now = state()
+      bad = checkpoint.non_finite(now)
+      if bad:
+        raise _non_finite_stop(manager, ckpt_dir, f"the update of step {step} made {len(bad)} arrays non-finite "
+                               f"({', '.join(bad[:3])})")
+      check_saves()
+      manager.save(step, args=checkpoint.save_args(now, data=grain.checkpoint.CheckpointSave(train_it)))
+      pending["step"] = step
+      check_saves()
 
     # -------------------------------------------------------------- 5. loop
     tokens_per_step = t.batch_size * t.seq_len
@@ -287,22 +233,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     writer = (SummaryWriter(str(workdir / "tensorboard"), purge_step=start + 1 if start else None)
               if main_process else None)
     last = t.steps if stop_at_step is None else min(stop_at_step, t.steps)
-    with (metrics_path.open("a") if main_process else contextlib.nullcontext()) as log, \
+    with contextlib.closing(bar), (metrics_path.open("a") if main_process else contextlib.nullcontext()) as log, \
         (writer or contextlib.nullcontext()):
       for step in range(start + 1, last + 1):
         batch = sharding.shard_batch(next(train_it), batch_sharding)
         loss, grad_norm, lr = train_step(model, optimizer, batch, quant_warmup_steps=_warmup_steps(config))
-        loss = float(loss)
-        if not math.isfinite(loss):
-          manager.wait_until_finished()
-          manager.close()
-          raise NonFiniteLossError(f"loss is {loss} at step {step}: stopping; the last checkpoint "
-                                   f"(step {manager.latest_step()}) holds the last good state")
+        loss, grad_norm = float(loss), float(grad_norm)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+          raise _non_finite_stop(manager, ckpt_dir, f"loss is {loss} (gradient norm {grad_norm}) at step {step}")
+        check_saves()
         bar.update(1)
         evaluate = step % t.eval_every == 0 or step == t.steps
         if step % t.log_every == 0 or evaluate or step == start + 1:
           now = time.perf_counter()
-          row = {"step": step, "loss": loss, "lr": float(lr), "grad_norm": float(grad_norm),
+          row = {"step": step, "loss": loss, "lr": float(lr), "grad_norm": grad_norm,
                  "tokens_per_s": (step - last_step) * tokens_per_step / max(now - last_time, 1e-9)}
           if evaluate:
             row.update(_evaluate(model, eval_set))
@@ -317,8 +261,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           last_time, last_step = time.perf_counter(), step
         if step % t.checkpoint_every == 0 or step == last:
           save(step)
-    bar.close()
-    manager.wait_until_finished()
+    if pending["step"] is not None:
+      while manager.is_saving_in_progress():
+        time.sleep(0.05)
+      check_saves()
     manager.close()
 
     # -------------------------------------------------------------- 6. summary
@@ -338,183 +284,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         "mesh": dict(mesh.shape), "processes": jax.process_count(),
     }
   if main_process:
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    _write_atomic(workdir / "summary.json", json.dumps(summary, indent=2))
   return summary
-
-
-def _model_and_optimizer(model_cfg: ModelConfig, optim_cfg, steps: int, seed: int = 0):
-  """A function building (model, optimiser): run it under `nnx.jit` to create them sharded (each device
-  materialises only its shards, no host holds a whole parameter) or under `nnx.eval_shape` for abstract state."""
-  def create():
-    model = Transformer(model_cfg, rngs=nnx.Rngs(seed))
-    return model, nnx.Optimizer(model, optim.make_optimizer(optim_cfg, steps), wrt=nnx.Param)
-  return create
-
-
-def load_init_source(spec: str) -> Transformer:
-  """The model `config.train.init_from` names: "hf:DIR" (a transformers BitNet or LLaMA checkpoint directory,
-  `interop.hf.load`) or "run:WORKDIR" (the last checkpoint of one of our runs, `load_checkpoint`)."""
-  kind, _, path = str(spec).partition(":")
-  if kind == "hf" and path:
-    from bitnet_jax.interop import hf   # interop sits beside the trainer; imported only when asked for
-    return hf.load(path)
-  if kind == "run" and path:
-    return load_checkpoint(path)[0]
-  raise ValueError(f"config.train.init_from={spec!r} must be 'hf:DIR' or 'run:WORKDIR'")
-
-
-# An FP (LLaMA-layout) block normalises the attention and FFN inputs once; the quantised variants normalise the
-# input of every BitLinear (b1.58's RMSNorm inside BitLinear). Converting FP into b1.58 gives the block norm's gain
-# to the layers that read that input; o_proj and down_proj, whose inputs an FP block does not normalise, keep
-# gain 1 (their norm is new: the function changes there, which the quantisation warm-up lets training absorb).
-_NORM_FROM_FP = {("attn", "q_proj"): "attn_norm", ("attn", "k_proj"): "attn_norm", ("attn", "v_proj"): "attn_norm",
-                 ("ffn", "gate_proj"): "ffn_norm", ("ffn", "up_proj"): "ffn_norm"}
-
-
-def init_from(model: Transformer, source: Transformer) -> dict:
-  """Copies `source`'s parameters into `model` in place (onto `model`'s shardings) for fine-tuning.
-
-  Parameters are matched by path and must have equal shapes. From an FP model into a quantised variant the
-  block norms' gains go to the per-layer input norms (`_NORM_FROM_FP`). A parameter of `model` with no source
-  is an error unless it is a norm gain (left at its init, 1); so is a source parameter that nothing reads.
-  Returns {"copied": n, "kept_init": [paths], "mapped": {target: source}}.
-  """
-  target = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-  source_state = dict(nnx.to_flat_state(nnx.state(source, nnx.Param)))
-  src = {path: v[...] for path, v in source_state.items()}
-  origins, mapped, kept, missing, mismatched = {}, {}, [], [], []
-  for path, variable in target.items():
-    origin = path
-    if origin not in src and len(path) >= 5 and path[-2:] == ("norm", "scale") and path[2:4] in _NORM_FROM_FP:
-      origin = path[:2] + (_NORM_FROM_FP[path[2:4]], "scale")
-      mapped["/".join(map(str, path))] = "/".join(map(str, origin))
-    if origin not in src:
-      (kept if path[-1] == "scale" and "norm" in path else missing).append("/".join(map(str, path)))
-      continue
-    if tuple(src[origin].shape) != tuple(variable.shape):
-      mismatched.append(f"{'/'.join(map(str, path))}: {tuple(src[origin].shape)} -> {tuple(variable.shape)}")
-      continue
-    origins[path] = origin
-  used = set(origins.values())
-  unused = sorted("/".join(map(str, p)) for p in src if p not in used)
-  problems = []
-  if missing:
-    problems.append(f"parameters with no source: {missing[:6]}{' ...' if len(missing) > 6 else ''}")
-  if mismatched:
-    problems.append(f"shapes differ: {mismatched[:6]}{' ...' if len(mismatched) > 6 else ''}")
-  if unused:
-    problems.append(f"source parameters nothing reads: {unused[:6]}{' ...' if len(unused) > 6 else ''}")
-  if problems:
-    raise ValueError("init_from: the source model does not fit this config (set config.model to the source's "
-                     "sizes): " + "; ".join(problems))
-  for path, origin in origins.items():
-    variable = target[path]
-    value = jnp.asarray(src[origin], variable[...].dtype)
-    sharding_ = getattr(variable[...], "sharding", None)
-    variable[...] = jax.device_put(value, sharding_) if sharding_ is not None else value
-  return {"copied": len(origins), "kept_init": kept, "mapped": mapped}
-
-
-def load_checkpoint(workdir: str | os.PathLike, config: ml_collections.ConfigDict | None = None, *,
-                    step: int | None = None) -> tuple[Transformer, ml_collections.ConfigDict]:
-  """(model, config) restored from a run's checkpoint onto the mesh of `config` (default: the run's own
-  `config.json`, whose `mesh` may be edited first). Any mesh shape can read any checkpoint; the quantisation
-  groups are the ones the run trained with (they are part of the model's function). Only the model's arrays are
-  read (an orbax partial restore): the optimiser state, twice the parameters' bytes under Adam, stays on disk.
-  """
-  workdir = Path(workdir)
-  directory = (workdir / "checkpoints").absolute()
-  if config is None:
-    if not (workdir / "config.json").exists():
-      raise FileNotFoundError(f"{workdir} has no config.json: not a training run directory")
-    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-  config = config.copy_and_resolve_references()
-  config.sharding.per_shard_groups = False   # the trained groups, recorded in config.model, whatever the mesh
-  with ocp.CheckpointManager(directory) as manager:
-    step = manager.latest_step() if step is None else step
-    if step is None or step not in manager.all_steps():
-      raise FileNotFoundError(f"no checkpoint {'' if step is None else f'at step {step} '}in {directory} "
-                              f"(steps there: {list(manager.all_steps())})")
-    mesh, rules, model_cfg = setup_mesh(config)
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-      model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
-      concrete = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                sharding=jax.sharding.NamedSharding(mesh, x.sharding.spec))
-      abstract = {"model": jax.tree.map(concrete, nnx.to_pure_dict(nnx.state(model)))}
-      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True)))
-      graphdef, state = nnx.split(model)
-      nnx.replace_by_pure_dict(state, restored.state["model"])
-      return nnx.merge(graphdef, state), config
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Ahead-of-time: plan a pod run without allocating it.
-# --------------------------------------------------------------------------------------------------------------
-def lower_train_step(config: ml_collections.ConfigDict):
-  """The train step lowered for the configured mesh from abstract (shape-and-sharding only) state.
-
-  Nothing is allocated: the model and optimiser are built with `nnx.eval_shape` under the mesh, so a 3B model
-  can be planned for 256 simulated CPU devices on a laptop. Returns `(lowered, model_cfg, abstract_state)`;
-  `lowered.compile()` gives XLA's per-device memory analysis and the HLO to count collectives in.
-  """
-  mesh, rules, model_cfg = setup_mesh(config)
-  t = config.train
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    model, optimizer = nnx.eval_shape(_model_and_optimizer(model_cfg, config.optim, t.steps))
-    batch = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + 1), jnp.int32,
-                                 sharding=sharding.batch_sharding(mesh, rules))
-    lowered = lower_step(model, optimizer, batch)
-  return lowered, model_cfg, {"model": nnx.state(model), "optimizer": nnx.state(optimizer), "mesh": mesh}
-
-
-def _per_device_bytes(state) -> int:
-  total = 0
-  for leaf in jax.tree.leaves(state):
-    shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
-    total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
-  return total
-
-
-def dry_run(config: ml_collections.ConfigDict) -> dict:
-  """Compiles the train step for the configured mesh and reports per-device memory and collectives."""
-  t0 = time.perf_counter()
-  lowered, model_cfg, abstract = lower_train_step(config)
-  compiled = lowered.compile()
-  mem = compiled.memory_analysis()
-  stats = sharding.collective_stats(compiled.as_text())
-  return {
-      "name": config.get("name", ""), "mesh": dict(abstract["mesh"].shape), "devices": jax.device_count(),
-      "groups": model_cfg.groups, "fsdp_groups": model_cfg.fsdp_groups, "params": count_params(model_cfg),
-      "params_bytes_per_device": _per_device_bytes(abstract["model"]),
-      "optimizer_bytes_per_device": _per_device_bytes(abstract["optimizer"]),
-      "compiled": {key: int(getattr(mem, key + "_in_bytes", 0) or 0)
-                   for key in ("argument_size", "output_size", "temp_size", "alias_size",
-                               "generated_code_size")} if mem is not None else {},
-      "collectives": stats["counts"], "collective_bytes": {k: int(v) for k, v in stats["bytes"].items()},
-      "collective_bytes_by_dtype": {op: {dt: int(b) for dt, b in d.items()}
-                                    for op, d in stats["bytes_by_dtype"].items() if d},
-      "compile_s": time.perf_counter() - t0,
-  }
-
-
-def format_dry_run(report: dict) -> str:
-  gb = lambda b: f"{b / 2**30:.3f} GiB" if b >= 2**30 else f"{b / 2**20:.2f} MiB"
-  c = report["compiled"]
-  lines = [f"dry run: {report['name']} on mesh {report['mesh']} ({report['devices']} devices), quantisation "
-           f"groups {report['groups']} x fsdp {report['fsdp_groups']}, {report['params']['total']:,} parameters "
-           f"(compiled in {report['compile_s']:.0f} s)",
-           f"  per device: parameters {gb(report['params_bytes_per_device'])}, optimiser state "
-           f"{gb(report['optimizer_bytes_per_device'])}",
-           f"  compiled step per device (XLA memory analysis): arguments {gb(c.get('argument_size', 0))}, "
-           f"outputs {gb(c.get('output_size', 0))}, temporaries {gb(c.get('temp_size', 0))}, aliased "
-           f"{gb(c.get('alias_size', 0))}",
-           "  collectives per step: " + ", ".join(
-               f"{op} {n} ({report['collective_bytes'][op] / 2**20:.2f} MiB: " + ", ".join(
-                   f"{dt} {b / 2**20:.2f}" for dt, b in report["collective_bytes_by_dtype"].get(op, {}).items())
-               + ")" for op, n in report["collectives"].items() if n)]
-  return "\n".join(lines)
-
 
 def format_summary(summary: dict) -> str:
   mem = summary["weight_memory"]
@@ -558,6 +329,38 @@ def _simulate_devices_from_argv(argv: list[str]) -> None:
       os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a config file that fails to load, a misspelt `--config.KEY` or a bad option value
+  reported as one `train: error:` line (`cli`) instead of absl's multi-line dump."""
+  from absl import flags
+  try:
+    rest = flags.FLAGS(argv)
+    flags.FLAGS.config.keys()   # a config file that failed to load raises only when read
+  except (flags.Error, OSError, ValueError, AttributeError, TypeError) as e:
+    if cli.debug_requested(argv[1:]):
+      raise
+    print(f"train: error: {_flag_error_message(e, argv)}", file=sys.stderr)
+    sys.exit(cli.EXIT_ERROR)
+  return rest
+
+
+def _flag_error_message(e: BaseException, argv: list[str]) -> str:
+  """One line naming the flag and what is wrong with it, from absl's and ml_collections' messages."""
+  text = str(e.args[0]) if isinstance(e, AttributeError) and e.args else str(e)
+  lines = [line.strip().strip("'\"") for line in text.replace("\\n", "\n").splitlines() if line.strip()]
+  config_arg = next((a for a in argv if a.startswith("--config=")), "--config")
+  if "Error whilst parsing config file" in text:   # get_config raised: its last line is the message
+    return f"{config_arg}: {lines[-1].split(': ', 1)[-1]}"
+  if "Failed loading config file" in text:
+    return f"{config_arg}: cannot load the config file ({text.strip().splitlines()[-1].strip()})"
+  if isinstance(e, AttributeError) and lines:   # an override of a key the config does not have
+    key = lines[0].strip("'\\")
+    flag = next((a.split("=")[0] for a in argv if a.startswith("--config.") and a.split("=")[0].endswith(key)),
+                f"--config.{key}")
+    return f"{flag}: no such config key" + (f" ({' '.join(lines[1:])})" if len(lines) > 1 else "")
+  return cli.one_line(e)
+
+
 if __name__ == "__main__":
   from absl import app, flags
   from ml_collections import config_flags
@@ -568,7 +371,8 @@ if __name__ == "__main__":
   flags.DEFINE_bool("dry_run", False, "compile the train step for the configured mesh from abstract state and "
                     "print per-device memory and collectives, without allocating or training")
   flags.DEFINE_integer("simulate_devices", None, "simulate this many CPU devices (with --dry_run: plan a pod run)")
+  flags.DEFINE_bool("debug", False, f"show the traceback of an error (also {cli.DEBUG_ENV}=1)")
   flags.mark_flags_as_required(["config"])
   _simulate_devices_from_argv(sys.argv)
   sys.path.insert(0, os.getcwd())   # so config files can import `configs.common`
-  app.run(main)
+  app.run(lambda argv: cli.run("train", lambda _: main(argv), sys.argv[1:]), flags_parser=_parse_flags)

@@ -35,7 +35,11 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
         raise ValueError(f"config arg {key}={value!r}: expected a boolean")
       out[key] = value.lower() in ("true", "1")
     else:
-      out[key] = kind(value)
+      try:
+        out[key] = kind(value)
+      except ValueError:
+        article = "an" if kind.__name__[0] in "aeiou" else "a"
+        raise ValueError(f"config arg {key}={value!r}: expected {article} {kind.__name__}") from None
   return out
 
 

@@ -71,6 +71,9 @@ def _decode(variant: str) -> tuple[ModelConfig, ml_collections.ConfigDict, dict]
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = parse_arg(arg, variant="b158-tiny", steps=0, batch=0, seq_len=0, smoke=False)
+  for key in ("steps", "batch", "seq_len"):   # 0: the variant's default
+    if arg[key] < 0:
+      raise ValueError(f"config arg {key}={arg[key]}: expected a positive int (or 0 for the variant's default)")
   model_cfg, optim_cfg, train_defaults = _decode(arg.variant)
 
   config = ml_collections.ConfigDict()

@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # run from a checkout
 
-from bitnet_jax import energy  # noqa: E402
+from bitnet_jax import cli, energy  # noqa: E402
 
 VARIANT_LABELS = {"fp32": "FP32", "fp16": "FP16", "bitnet": "BitNet"}
 COLORS = {"fp32": "tab:blue", "fp16": "tab:orange", "bitnet": "tab:green"}
@@ -133,8 +133,10 @@ def plot(rows: list[dict], memory_rows: list[dict], kv_seq_len: int, path: str) 
 
 
 def main(argv: list[str] | None = None) -> dict:
+  argv = cli.strip_debug(sys.argv[1:] if argv is None else argv)
   parser = argparse.ArgumentParser(description="BitNet Table 1 energy, b1.58 71.4x and b1.58 Table 1 memory "
-                                               "from the papers' arithmetic models (bitnet_jax.energy).")
+                                               "from the papers' arithmetic models (bitnet_jax.energy).",
+                                   epilog="--debug shows the traceback of an error")
   parser.add_argument("--out", default="experiments/results", help="output folder for energy.json / energy.png")
   parser.add_argument("--weight-bits", type=float, default=2.0,
                       help="b1.58 weight storage bits for the memory model (default 2: the paper's 2-bit kernel)")
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
   failing = [f"{r['size']} {r['variant']} {r['process']} {r['op']}" for r in rows
              if not (r["within_10pct"] or r["matches_printed"])]
   result = {
-      "command": " ".join(["python experiments/energy.py", *(argv if argv is not None else sys.argv[1:])]),
+      "command": " ".join(["python experiments/energy.py", *argv]),
       "energy_per_op_pj": energy.ENERGY_PJ,
       "table1": {
           "source": "BitNet (2310.11453) Table 1; per-op energies Table 2",
@@ -197,4 +199,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run("energy", main)

@@ -31,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bitnet_jax import data, train  # noqa: E402
+from bitnet_jax import cli, data, train  # noqa: E402
 from bitnet_jax.kv_cache import KV_QUANT  # noqa: E402
 
 BITS = {"bfloat16": 16, "int8": 8, "int4": 4}   # bits per cached K/V value; "none": the compute dtype's
@@ -88,7 +88,9 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  argv = cli.strip_debug(sys.argv[1:] if argv is None else argv)
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   epilog="--debug shows the traceback of an error")
   parser.add_argument("--workdir", default="runs/quickstart/b158-small", help="a trained run (after `make train`)")
   parser.add_argument("--eval-batches", type=int, default=None, help="default: the run's data.eval_batches")
   parser.add_argument("--out", default=str(ROOT / "experiments" / "results" / "kv_cache.json"))
@@ -104,10 +106,10 @@ def main(argv: list[str] | None = None) -> dict:
     workdir = Path(args.smoke_dir or tempfile.mkdtemp(prefix="kv_cache_smoke_"))
     train.train_and_evaluate(lm.get_config("b158-tiny,smoke"), workdir, progress=False)
   if not (workdir / "config.json").exists():
-    raise SystemExit(f"kv_cache: error: {workdir} is not a training run (no config.json); train one with "
-                     "`make train`, or use --smoke")
+    raise FileNotFoundError(f"{workdir} is not a training run (no config.json); train one with `make train`, or "
+                            "use --smoke")
   result = evaluate(workdir, args.eval_batches)
-  result["command"] = "python experiments/kv_cache.py " + " ".join(argv if argv is not None else sys.argv[1:])
+  result["command"] = "python experiments/kv_cache.py " + " ".join(argv)
   print(markdown(result))
   Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   Path(args.out).write_text(json.dumps(result, indent=2))
@@ -116,4 +118,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run("kv_cache", main)

@@ -49,7 +49,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from bitnet_jax import train  # noqa: E402
+from bitnet_jax import cli, train  # noqa: E402
 from bitnet_jax.model import count_params  # noqa: E402
 
 
@@ -329,7 +329,9 @@ def readme_sentence(optima: dict, setting: str) -> str:
 # main.
 # --------------------------------------------------------------------------------------------------------------
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  argv = cli.strip_debug(sys.argv[1:] if argv is None else argv)
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog="--debug shows the traceback of an error")
   parser.add_argument("--workdir", default=None,
                       help="one subdirectory per run (resumable); default runs/lr_sweep (--smoke: runs/lr_sweep-smoke)")
   parser.add_argument("--out", default=None, help="where lr_sweep.json and lr_sweep.png go; default "
@@ -384,4 +386,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run("lr_sweep", main)

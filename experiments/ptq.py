@@ -54,7 +54,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import ml_collections  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bitnet_jax import data, quant, sharding, train  # noqa: E402
+from bitnet_jax import cli, data, quant, sharding, train  # noqa: E402
 from bitnet_jax.layers import BitLinear  # noqa: E402
 
 ACT_BITS = 8          # activations of every PTQ method: 8 bits, absmax per token
@@ -306,9 +306,10 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> dict:
+  argv = cli.strip_debug(sys.argv[1:] if argv is None else argv)
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog=__doc__.split("\n\n", 1)[1])
+                                   epilog=__doc__.split("\n\n", 1)[1] + "\n--debug shows the traceback of an error")
   parser.add_argument("--workdir", default=None,
                       help="the scaling sweep's workdir (default runs/scaling; with --smoke a temporary folder)")
   parser.add_argument("--out", default=None,
@@ -365,4 +366,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run("ptq", main)

@@ -39,7 +39,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from scipy.optimize import curve_fit  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from bitnet_jax import train  # noqa: E402
+from bitnet_jax import cli, train  # noqa: E402
 from bitnet_jax.model import count_params  # noqa: E402
 from configs import lm  # noqa: E402
 
@@ -237,8 +237,10 @@ def markdown(runs: list[dict], fits: dict, gaps: list[dict], trend: dict) -> str
 
 
 def main(argv=None) -> dict:
+  argv = cli.strip_debug(sys.argv[1:] if argv is None else argv)
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog="--debug shows the traceback of an error")
   parser.add_argument("--workdir", default="runs/scaling", help="one subdirectory per run (resumable)")
   parser.add_argument("--out", default="experiments/results", help="where scaling.json and scaling.png go")
   parser.add_argument("--tokens", type=int, default=1_200_000, help="training tokens per run (every run)")
@@ -266,4 +268,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run("scaling", main)

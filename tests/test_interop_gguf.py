@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ from flax import nnx
 
 gguf_pkg = pytest.importorskip("gguf")
 
-from bitnet_jax import quant, train   # noqa: E402
+from bitnet_jax import cli, quant, train   # noqa: E402
 from bitnet_jax.export import main as export_main   # noqa: E402
 from bitnet_jax.interop import gguf   # noqa: E402
 from bitnet_jax.model import ModelConfig, Transformer   # noqa: E402
@@ -167,12 +168,20 @@ def test_export_cli_writes_gguf_and_hf_from_a_run(tmp_path, capsys):
   tensors = gguf.read(summary["path"])
   for name, kernel in _linears(model):
     np.testing.assert_array_equal(tensors[name + ".weight"], np.asarray(quant.ternary_codes(kernel)[0], np.float32).T)
-  with pytest.raises(SystemExit, match=r"export: error: .*d_model=64|export: error: .*multiple of 256"):
-    export_main([f"--workdir={tmp_path / 'run'}", "--format=gguf", "--ftype=TQ2_0", f"--out={tmp_path / 'x.gguf'}"])
-  with pytest.raises(SystemExit, match=r"export: error: .*not a training run"):
-    export_main([f"--workdir={tmp_path / 'nothing'}", "--format=gguf", f"--out={tmp_path / 'x.gguf'}"])
-  with pytest.raises(SystemExit, match=r"export: error: .*linear_norm='rms'"):   # the FAQ form is not transformers'
-    export_main([f"--workdir={tmp_path / 'run'}", "--format=hf", f"--out={tmp_path / 'hf'}"])
+  capsys.readouterr()
+  bad = {"d_model=64|multiple of 256": ["--format=gguf", "--ftype=TQ2_0", f"--out={tmp_path / 'x.gguf'}"],
+         "not a training run": [f"--workdir={tmp_path / 'nothing'}", "--format=gguf", f"--out={tmp_path / 'x.gguf'}"],
+         "linear_norm='rms'": ["--format=hf", f"--out={tmp_path / 'hf'}"],   # the FAQ form is not transformers'
+         "would overwrite the run": ["--format=hf", f"--out={tmp_path / 'run'}"]}
+  for pattern, args in bad.items():
+    if not any(a.startswith("--workdir") for a in args):
+      args = [f"--workdir={tmp_path / 'run'}", *args]
+    with pytest.raises(SystemExit) as info:
+      cli.run("export", export_main, args)
+    assert info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.match(rf"export: error: .*({pattern})", err[0]), (pattern, err)
+  assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["d_model"] == 64   # untouched
 
 
 # ---------------------------------------------------------------- llama.cpp runs our file

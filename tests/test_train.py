@@ -134,7 +134,8 @@ def test_non_finite_loss_stops_without_checkpointing_the_bad_state(tmp_path, mon
     return (jnp.float32(jnp.nan) if calls["n"] == 6 else loss), grad_norm, lr
 
   monkeypatch.setattr(train, "train_step", poisoned)
-  with pytest.raises(train.NonFiniteLossError, match=r"loss is nan at step 6.*checkpoint \(step 4\)"):
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r"loss is nan \(gradient norm .*\) at step 6.*last checkpoint, step 4, holds finite state"):
     train.train_and_evaluate(_tiny(), tmp_path, progress=False)
   steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert steps == [4]
@@ -172,7 +173,7 @@ def test_quant_warmup_ramps_lambda_and_checkpoints_it(tmp_path, monkeypatch):
   monkeypatch.setattr(train.ocp.CheckpointManager, "restore",
                       lambda self, *a, **k: read.append(real_restore(self, *a, **k)) or read[-1])
   restored, _ = train.load_checkpoint(tmp_path)
-  assert [set(r.state) for r in read] == [{"model"}]
+  assert [set(r.state) for r in read if "state" in r.keys()] == [{"model"}]   # (and the step's checksums)
   assert {float(m.quant_mix[...]) for _, m in nnx.iter_graph(restored)
           if isinstance(m, BitLinear) and m.quant_mix is not None} == {1.0}
 

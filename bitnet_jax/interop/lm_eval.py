@@ -15,7 +15,8 @@ of `lm-eval run` works (`--num_fewshot`, `--gen_kwargs`, `--log_samples`, `--see
 The papers' zero-shot tasks (b1.58: arc_easy, arc_challenge, hellaswag, boolq, openbookqa, piqa, winogrande;
 BitNet Table 3 also has Winograd, `wsc273`, and StoryCloze, whose data must be requested; ../shared/PAPERS.md
 sections 1-2) are multiple-choice `loglikelihood` tasks; they run wherever their datasets can be downloaded.
-`--include_path DIR` adds task YAMLs of your own (e.g. over local jsonl files).
+`--include_path DIR` adds task YAMLs of your own (e.g. over local jsonl files). A bad model argument or a missing
+directory ends the command with one `lm_eval: error:` line; `--debug` (or BITNET_JAX_DEBUG=1) shows the traceback.
 
 Model arguments (`--model_args key=value ...`):
   workdir=DIR | hf_path=DIR  exactly one: a training run (its latest checkpoint, `step=N` for another, and the
@@ -71,7 +72,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import normalize_gen_kwargs
 
-from bitnet_jax import generate, kv_cache
+from bitnet_jax import cli, generate, kv_cache
 from bitnet_jax import tokenizer as tokenizers
 from bitnet_jax.model import Transformer
 
@@ -323,12 +324,13 @@ _SUBCOMMANDS = ("run", "ls", "validate")
 
 def main(argv: Sequence[str] | None = None) -> None:
   """`lm-eval` (the harness's CLI, `lm_eval.__main__.cli_evaluate`) with the `bitnet_jax` model registered and
-  `--model bitnet_jax` the default: `main(["--model_args", "workdir=DIR", "--tasks", "arc_easy"])`."""
+  `--model bitnet_jax` the default: `main(["--model_args", "workdir=DIR", "--tasks", "arc_easy"])`. `--debug` is
+  ours (`cli.run`: the traceback of an error), never passed to the harness."""
   from absl import logging
   from lm_eval.__main__ import cli_evaluate
   logging.set_verbosity(logging.WARNING)   # orbax logs every checkpoint restore at INFO
 
-  args = list(sys.argv[1:] if argv is None else argv) or ["--help"]
+  args = cli.strip_debug(sys.argv[1:] if argv is None else argv) or ["--help"]
   if args[0] not in _SUBCOMMANDS:
     args.insert(0, "run")
   if args[0] == "run" and not any(a in ("--model", "-M") or a.startswith("--model=") for a in args):
@@ -345,6 +347,6 @@ if __name__ == "__main__":
   # Run as a script this file is `__main__`; the model class registered is the importable module's, so a later
   # `import bitnet_jax.interop.lm_eval` finds the name taken by the same class.
   from bitnet_jax.interop.lm_eval import main as _main
-  _main()
+  cli.run("lm_eval", _main)
 else:
   register_model(MODEL_NAME)(BitNetLM)
