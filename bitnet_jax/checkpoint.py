@@ -130,11 +130,15 @@ def restore_intact(manager: ocp.CheckpointManager, restore: Callable[[int], T], 
   warn = warn or (lambda s, msg: print(f"warning: checkpoint step {s} in {manager.directory} is unusable: {msg}; "
                                       "trying the previous step", file=sys.stderr))
   steps = sorted(manager.all_steps(), reverse=True) if step is None else [step]
+  # steps saved since checksums exist all have them; an older run's earlier steps may not (restored unverified)
+  checksummed = [s for s in manager.all_steps() if has_checksums(manager.directory, s)]
   failures = []
   for s in steps:
     try:
       result = restore(s)
       saved = read_checksums(manager, s)
+      if saved is None and checksummed and s > min(checksummed):
+        raise CheckpointError(f"step {s} has no checksums while earlier steps of the run do (removed?)")
       expected = None if saved is None else {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
       verify(state_of(result), expected, f"checkpoint step {s}")
       return s, result
@@ -178,27 +182,35 @@ class _DropFailedSaveLogs(logging.Filter):
     return "orbax-checkpoint-tmp" not in record.getMessage()
 
 
-def _drop_closed_loop_errors(hook):
+_state = {"quiet": False, "failed": False}
+
+
+def _drop_failed_save_reports(hook):
   def unraisable(info):
-    if not (isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value)):
+    closed_loop = isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value)
+    if not (closed_loop or _state["failed"]):
       hook(info)
   return unraisable
-
-
-_quieted = []
 
 
 def quiet_failed_saves() -> None:
   """Once per process, before saving: when an asynchronous save fails, its other writes go on failing in
   tensorstore's threads, each reporting to the save's closed event loop (an unraisable RuntimeError), an
-  unawaited coroutine and an unretrieved future, hundreds of lines until the process exits. The trainer reports
-  a failed save once itself (`finished_save_error`), so those three kinds of report are dropped (only them)."""
-  if _quieted:
+  unawaited coroutine and an unretrieved future, and at exit the coroutines left behind report again:
+  hundreds of lines. The trainer reports a failed save once itself (`finished_save_error`), so these reports are
+  dropped: the closed-loop errors always, every other unraisable report only once a save has failed
+  (`failed_save_happened`)."""
+  if _state["quiet"]:
     return
-  sys.unraisablehook = _drop_closed_loop_errors(sys.unraisablehook)
-  warnings.filterwarnings("ignore", message="coroutine .*write.* was never awaited", category=RuntimeWarning)
+  sys.unraisablehook = _drop_failed_save_reports(sys.unraisablehook)
+  warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
   logging.getLogger("asyncio").addFilter(_DropFailedSaveLogs())
-  _quieted.append(True)
+  _state["quiet"] = True
+
+
+def failed_save_happened() -> None:
+  """Marks this process as stopping after a failed save (see `quiet_failed_saves`)."""
+  _state["failed"] = True
 
 
 def finished_save_error(manager: ocp.CheckpointManager) -> BaseException | None:

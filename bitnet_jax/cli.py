@@ -44,19 +44,16 @@ def strip_debug(argv: Sequence[str]) -> list[str]:
   return [a for a in argv if a != "--debug"]
 
 
-def _raised_in_own_code(exc: BaseException) -> bool:
-  tb = exc.__traceback__
-  last = None
+def raised_in(exc: BaseException, directory: str | Path) -> bool:
+  """Whether the innermost frame of `exc`'s traceback (where it was raised) is a file under `directory`."""
+  tb, last = exc.__traceback__, None
   while tb is not None:
-    last = tb.tb_frame.f_code.co_filename
-    tb = tb.tb_next
-  if last is None:
-    return False
-  try:
-    rel = Path(last).resolve().relative_to(_OWN_ROOT)
-  except ValueError:
-    return False
-  return rel.parts[0] in _OWN_DIRS
+    last, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
+  return last is not None and Path(last).resolve().is_relative_to(Path(directory).resolve())
+
+
+def _raised_in_own_code(exc: BaseException) -> bool:
+  return any(raised_in(exc, _OWN_ROOT / d) for d in _OWN_DIRS)
 
 
 def is_user_error(exc: BaseException) -> bool:

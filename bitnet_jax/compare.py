@@ -5,8 +5,9 @@
 Trains each variant of the same size on the embedded corpus (the standard library's source) through
 `train.train_and_evaluate`, each in `WORKDIR/<variant>` (resumable; a finished run is only re-evaluated), then
 prints a table (eval loss, perplexity, tokens/s, weight memory as trained and packed), writes
-`WORKDIR/loss_curves.png`, and prints a greedy sample from each model (its latest checkpoint, reloaded with
-`generate.load_run` and decoded by `generate.greedy` with a KV cache).
+`WORKDIR/loss_curves.png`, and prints a sampled continuation of a prompt from each model (its latest checkpoint,
+reloaded with `generate.load_run` and decoded by `generate.generate` with a KV cache; temperature 0.8, top-p
+0.95, seed 0 by default, `--temperature=0` for greedy).
 """
 
 from __future__ import annotations
@@ -38,10 +39,17 @@ def _load_config(name: str, steps: int | None):
   return config
 
 
-def sample(run_dir: Path, n_tokens: int, prompt: str = "def ") -> str:
-  """A greedy continuation of `prompt` by the latest checkpoint in `run_dir`, decoded with the run's tokenizer."""
+PROMPT = "def fibonacci(n):\n    "
+
+
+def sample(run_dir: Path, n_tokens: int, prompt: str = PROMPT, *, temperature: float = 0.8, top_p: float = 0.95,
+           seed: int = 0) -> str:
+  """A continuation of `prompt` by the latest checkpoint in `run_dir`, decoded with the run's tokenizer: sampled
+  (temperature, nucleus top-p, a fixed seed: the same text every time on one machine) or, with `temperature=0`,
+  greedy. Greedy decoding of a byte-level model this small loops ("the the the"); sampling shows what it learned."""
   model, tok = generate.load_run(run_dir)
-  out = generate.greedy(model, jnp.asarray(tok.encode(prompt), jnp.int32)[None], n_tokens)
+  out = generate.generate(model, jnp.asarray(tok.encode(prompt), jnp.int32)[None], n_tokens,
+                          temperature=temperature, top_p=top_p if temperature else None, seed=seed)
   return tok.decode(np.asarray(out[0]))
 
 
@@ -83,7 +91,11 @@ def main(argv=None) -> dict:
   parser.add_argument("--size", default="small", help="config size suffix in configs/lm.py (tiny, small)")
   parser.add_argument("--variants", default="b158,fp", help="comma-separated: b158, fp, bitnet")
   parser.add_argument("--steps", type=int, default=None, help="override train.steps")
-  parser.add_argument("--sample-tokens", type=int, default=80)
+  parser.add_argument("--sample-tokens", type=int, default=120, help="tokens sampled from each model (0: none)")
+  parser.add_argument("--prompt", default=PROMPT, help="the samples' prompt")
+  parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0: greedy")
+  parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling")
+  parser.add_argument("--seed", type=int, default=0, help="sampling seed")
   args = parser.parse_args(argv)
   if args.steps is not None and args.steps < 1:
     parser.error(f"--steps must be a positive int, got {args.steps}")
@@ -100,13 +112,16 @@ def main(argv=None) -> dict:
     print(f"== {name} ==", flush=True)
     summary = train.train_and_evaluate(configs[name], workdir / name)
     if args.sample_tokens:
-      summary["sample"] = sample(workdir / name, args.sample_tokens)
+      summary["sample"] = sample(workdir / name, args.sample_tokens, args.prompt, temperature=args.temperature,
+                                 top_p=args.top_p, seed=args.seed)
     summaries.append(summary)
   plot_curves(workdir, names, workdir / "loss_curves.png")
 
   print("\n" + table(summaries))
   for s in summaries:
-    print(f"\n{s['name']} greedy sample after 'def ':\n{s.get('sample', '')}")
+    how = ("greedy" if args.temperature == 0 else
+           f"temperature {args.temperature}, top-p {args.top_p}, seed {args.seed}")
+    print(f"\n{s['name']} sample ({how}):\n{s.get('sample', '')}")
   print(f"\nloss curves: {workdir / 'loss_curves.png'}; per-run metrics and checkpoints in {workdir}/<run>/")
   (workdir / "comparison.json").write_text(json.dumps(summaries, indent=2))
   return {s["name"]: s for s in summaries}

@@ -305,6 +305,7 @@ def main(argv: list[str] | None = None) -> str:
   parser = argparse.ArgumentParser(description="Sample from a trained bitnet_jax run (KV-cache decoding).",
                                    epilog="--debug shows the traceback of an error")
   parser.add_argument("--workdir", required=True, help="a training run directory (config.json, checkpoints/)")
+  parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest intact one)")
   parser.add_argument("--prompt", default="def ", help="text to continue")
   parser.add_argument("--max_new_tokens", type=int, default=80)
   parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> str:
   from absl import logging
   logging.set_verbosity(logging.WARNING)   # orbax logs every restore at INFO
 
-  model, tok = load_run(args.workdir)
+  model, tok = load_run(args.workdir, step=args.step)
   prompt = np.asarray(tok.encode(args.prompt), np.int32)[None]
   run = lambda: jax.block_until_ready(generate(
       model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

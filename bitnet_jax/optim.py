@@ -170,8 +170,10 @@ def _check_total_steps(total_steps) -> int:
 
 def _check_nonneg(cfg, name: str) -> float:
   value = cfg[name]
-  if value is None or not isinstance(value, (int, float, np.number)) or isinstance(value, bool) or value < 0:
-    raise ValueError(f"optim config field {name} must be a number >= 0 for recipe {cfg.recipe!r}, got {value!r}")
+  if (value is None or not isinstance(value, (int, float, np.number)) or isinstance(value, bool)
+      or not np.isfinite(value) or value < 0):
+    raise ValueError(f"optim config field {name} must be a finite number >= 0 for recipe {cfg.recipe!r}, "
+                     f"got {value!r}")
   return float(value)
 
 

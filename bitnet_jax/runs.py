@@ -71,6 +71,7 @@ class WorkdirLock:
   def __init__(self, workdir: str | os.PathLike):
     self.path = Path(workdir) / LOCK_NAME
     self._fd: int | None = None
+    self._created = False
 
   def holder(self) -> dict | None:
     try:
@@ -79,6 +80,7 @@ class WorkdirLock:
       return None
 
   def acquire(self) -> WorkdirLock:
+    self._created = not self.path.parent.exists()   # removed again at release if nothing was written into it
     self.path.parent.mkdir(parents=True, exist_ok=True)
     me = {"host": socket.gethostname(), "pid": os.getpid(),
           "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -120,6 +122,8 @@ class WorkdirLock:
       return
     try:
       self.path.unlink(missing_ok=True)
+      if self._created and not any(self.path.parent.iterdir()):
+        self.path.parent.rmdir()   # a run refused before it wrote anything leaves no empty workdir behind
     finally:
       os.close(self._fd)   # closing drops the flock
       self._fd = None
@@ -176,7 +180,10 @@ def check_resume_groups(workdir: str | os.PathLike, model_cfg) -> None:
   saved = workdir / "config.json"
   if not saved.exists() or not (workdir / "checkpoints").exists():
     return
-  old = json.loads(saved.read_text()).get("model", {})
+  try:
+    old = json.loads(saved.read_text()).get("model", {})
+  except ValueError as e:
+    raise ResumeRefused(f"{saved} is unreadable ({e}); restore it or use another --workdir") from None
   for key in ("groups", "fsdp_groups"):
     if key in old and old[key] != getattr(model_cfg, key):
       raise ResumeRefused(f"{workdir} was trained with model.{key}={old[key]} but this mesh gives "

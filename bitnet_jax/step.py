@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +71,9 @@ def _check_config(config: ml_collections.ConfigDict, model_cfg: ModelConfig, tok
     raise ValueError(f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
                      f"{tokenizer.vocab_size} ids ({tokenizer.name}); set "
                      f"--config.model.vocab_size={tokenizer.vocab_size}")
+  with warnings.catch_warnings():   # the recipe's checks (a bad learning rate, betas, ...); its warnings come later
+    warnings.simplefilter("ignore")
+    optim.make_optimizer(config.optim, t.steps)
 
 
 def loss_fn(model: Transformer, batch: jax.Array) -> jax.Array:

@@ -197,7 +197,7 @@ def make_tokenizer(spec: str = "byte") -> Tokenizer:
   (a tokenizer.json).
 
   Raises:
-    ValueError: `spec` is not a string, names an unknown kind, or has no path.
+    ValueError: `spec` is not a string, names an unknown kind, has no path, or the file does not parse.
     FileNotFoundError: the file does not exist (the message names it).
     ImportError: the kind's library is not installed (the message says how to install it).
   """
@@ -210,4 +210,9 @@ def make_tokenizer(spec: str = "byte") -> Tokenizer:
     raise ValueError(f"unknown tokenizer {spec!r}: expected 'byte', 'sentencepiece:PATH' or 'hf:PATH'")
   if not path:
     raise ValueError(f"tokenizer {spec!r}: no file given (expected '{kind}:PATH')")
-  return _KINDS[kind](path)
+  try:
+    return _KINDS[kind](path)
+  except (FileNotFoundError, ImportError, ValueError):
+    raise
+  except Exception as e:  # noqa: BLE001 (the libraries raise their own types for a file they cannot parse)
+    raise ValueError(f"tokenizer {spec!r}: cannot read {path} ({type(e).__name__}: {e})") from None

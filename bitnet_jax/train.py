@@ -53,7 +53,7 @@ from bitnet_jax.runs import read_metrics  # noqa: F401
 from bitnet_jax.step import (  # noqa: F401
     _check_config, _model_and_optimizer, _warmup_steps, compiler_options, eval_step, loss_fn, lower_step,
     model_config_from, setup_mesh, train_step, weight_memory)
-from bitnet_jax.weights import init_from, load_checkpoint, load_init_source  # noqa: F401
+from bitnet_jax.weights import check_init_source, init_from, load_checkpoint, load_init_source  # noqa: F401
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -143,6 +143,8 @@ def _train(config, workdir: Path, mesh, rules, model_cfg: ModelConfig, tokenizer
                             text_key=config.data.text_key, tokenizer=tokenizer)
   config_json = config.to_json_best_effort(indent=2)
   saved = _finalized_steps(ckpt_dir)
+  if not saved and t.get("init_from"):
+    check_init_source(t.init_from)
   changes = (runs.check_resume(workdir, json.loads(config_json), corpus.summary(), saved[-1]) if saved
              else {"allowed": {}, "added": []})
   if main_process:   # the run record, written only once the checks have passed
@@ -195,23 +197,27 @@ def _train(config, workdir: Path, mesh, rules, model_cfg: ModelConfig, tokenizer
     pending = {"step": None}   # the step of a save that may still be in flight
     checkpoint.quiet_failed_saves()
 
+    def save_failed(failed: int, error: BaseException) -> checkpoint.CheckpointError:
+      pending["step"] = None
+      checkpoint.failed_save_happened()
+      try:
+        manager.close()
+      except Exception:  # noqa: BLE001 (the same error again)
+        pass
+      done = [s for s in _finalized_steps(ckpt_dir) if s != failed]
+      return checkpoint.CheckpointError(
+          f"saving the checkpoint of step {failed} to {ckpt_dir} failed: {checkpoint.save_error(error)}; the "
+          f"last complete checkpoint is {f'step {done[-1]}' if done else 'none'}; free space (or fix the "
+          "permissions) and rerun the same command to resume from it")
+
     def check_saves() -> None:   # a failed background save stops the run once it has resolved
       if pending["step"] is None:
         return
       error = checkpoint.finished_save_error(manager)
-      if error is None and not manager.is_saving_in_progress():
+      if error is not None:
+        raise save_failed(pending["step"], error)
+      if not manager.is_saving_in_progress():
         pending["step"] = None
-      elif error is not None:
-        failed, pending["step"] = pending["step"], None
-        try:
-          manager.close()
-        except Exception:  # noqa: BLE001 (the same error again)
-          pass
-        done = [s for s in _finalized_steps(ckpt_dir) if s != failed]
-        raise checkpoint.CheckpointError(
-            f"saving the checkpoint of step {failed} to {ckpt_dir} failed: {checkpoint.save_error(error)}; the "
-            f"last complete checkpoint is {f'step {done[-1]}' if done else 'none'}; free space (or fix the "
-            "permissions) and rerun the same command to resume from it")
 
     def save(step: int) -> None:
       now = state()
@@ -220,7 +226,10 @@ def _train(config, workdir: Path, mesh, rules, model_cfg: ModelConfig, tokenizer
         raise _non_finite_stop(manager, ckpt_dir, f"the update of step {step} made {len(bad)} arrays non-finite "
                                f"({', '.join(bad[:3])})")
       check_saves()
-      manager.save(step, args=checkpoint.save_args(now, data=grain.checkpoint.CheckpointSave(train_it)))
+      try:   # orbax first waits for the save before: its failure, or this save's own, raises here
+        manager.save(step, args=checkpoint.save_args(now, data=grain.checkpoint.CheckpointSave(train_it)))
+      except Exception as e:  # noqa: BLE001
+        raise save_failed(pending["step"] or step, e) from None
       pending["step"] = step
       check_saves()
 
@@ -233,34 +242,42 @@ def _train(config, workdir: Path, mesh, rules, model_cfg: ModelConfig, tokenizer
     writer = (SummaryWriter(str(workdir / "tensorboard"), purge_step=start + 1 if start else None)
               if main_process else None)
     last = t.steps if stop_at_step is None else min(stop_at_step, t.steps)
-    with contextlib.closing(bar), (metrics_path.open("a") if main_process else contextlib.nullcontext()) as log, \
-        (writer or contextlib.nullcontext()):
-      for step in range(start + 1, last + 1):
-        batch = sharding.shard_batch(next(train_it), batch_sharding)
-        loss, grad_norm, lr = train_step(model, optimizer, batch, quant_warmup_steps=_warmup_steps(config))
-        loss, grad_norm = float(loss), float(grad_norm)
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-          raise _non_finite_stop(manager, ckpt_dir, f"loss is {loss} (gradient norm {grad_norm}) at step {step}")
-        check_saves()
-        bar.update(1)
-        evaluate = step % t.eval_every == 0 or step == t.steps
-        if step % t.log_every == 0 or evaluate or step == start + 1:
-          now = time.perf_counter()
-          row = {"step": step, "loss": loss, "lr": float(lr), "grad_norm": grad_norm,
-                 "tokens_per_s": (step - last_step) * tokens_per_step / max(now - last_time, 1e-9)}
-          if evaluate:
-            row.update(_evaluate(model, eval_set))
-          history.append(row)
-          if main_process:
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            for key, value in row.items():
-              if key != "step":
-                writer.add_scalar(f"{'eval' if key.startswith('eval') else 'train'}/{key}", value, step)
-          bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
-          last_time, last_step = time.perf_counter(), step
-        if step % t.checkpoint_every == 0 or step == last:
-          save(step)
+    try:
+      with contextlib.closing(bar), (metrics_path.open("a") if main_process else contextlib.nullcontext()) as log, \
+          (writer or contextlib.nullcontext()):
+        for step in range(start + 1, last + 1):
+          batch = sharding.shard_batch(next(train_it), batch_sharding)
+          loss, grad_norm, lr = train_step(model, optimizer, batch, quant_warmup_steps=_warmup_steps(config))
+          loss, grad_norm = float(loss), float(grad_norm)
+          if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise _non_finite_stop(manager, ckpt_dir, f"loss is {loss} (gradient norm {grad_norm}) at step {step}")
+          check_saves()
+          bar.update(1)
+          evaluate = step % t.eval_every == 0 or step == t.steps
+          if step % t.log_every == 0 or evaluate or step == start + 1:
+            now = time.perf_counter()
+            row = {"step": step, "loss": loss, "lr": float(lr), "grad_norm": grad_norm,
+                   "tokens_per_s": (step - last_step) * tokens_per_step / max(now - last_time, 1e-9)}
+            if evaluate:
+              row.update(_evaluate(model, eval_set))
+            history.append(row)
+            if main_process:
+              log.write(json.dumps(row) + "\n")
+              log.flush()
+              for key, value in row.items():
+                if key != "step":
+                  writer.add_scalar(f"{'eval' if key.startswith('eval') else 'train'}/{key}", value, step)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+            last_time, last_step = time.perf_counter(), step
+          if step % t.checkpoint_every == 0 or step == last:
+            save(step)
+    except KeyboardInterrupt:   # Ctrl-C: let the save in flight complete, so the newest checkpoint is whole
+      try:
+        manager.wait_until_finished()
+        manager.close()
+      except Exception:  # noqa: BLE001 (a failed save: the steps before it are intact)
+        pass
+      raise
     if pending["step"] is not None:
       while manager.is_saving_in_progress():
         time.sleep(0.05)
@@ -312,7 +329,7 @@ def main(argv) -> None:
       (Path(flags.FLAGS.workdir) / "dry_run.json").write_text(json.dumps(report, indent=2))
     return
   if not flags.FLAGS.workdir:
-    raise app.UsageError("--workdir is required (except with --dry_run)")
+    raise ValueError("--workdir is required (except with --dry_run)")
   summary = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
   if jax.process_index() == 0:
     print(format_summary(summary))
@@ -336,7 +353,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     rest = flags.FLAGS(argv)
     flags.FLAGS.config.keys()   # a config file that failed to load raises only when read
-  except (flags.Error, OSError, ValueError, AttributeError, TypeError) as e:
+  except (flags.Error, OSError, ValueError, AttributeError, TypeError, SyntaxError) as e:
     if cli.debug_requested(argv[1:]):
       raise
     print(f"train: error: {_flag_error_message(e, argv)}", file=sys.stderr)
@@ -349,6 +366,8 @@ def _flag_error_message(e: BaseException, argv: list[str]) -> str:
   text = str(e.args[0]) if isinstance(e, AttributeError) and e.args else str(e)
   lines = [line.strip().strip("'\"") for line in text.replace("\\n", "\n").splitlines() if line.strip()]
   config_arg = next((a for a in argv if a.startswith("--config=")), "--config")
+  if isinstance(e, SyntaxError):
+    return f"{config_arg}: {e}"
   if "Error whilst parsing config file" in text:   # get_config raised: its last line is the message
     return f"{config_arg}: {lines[-1].split(': ', 1)[-1]}"
   if "Failed loading config file" in text:

@@ -19,6 +19,18 @@ from bitnet_jax.model import Transformer
 from bitnet_jax.step import setup_mesh
 
 
+def check_init_source(spec: str) -> None:
+  """Raises (ValueError, FileNotFoundError) if `config.train.init_from` cannot name a model: checked before a run
+  writes anything, `load_init_source` reads it later."""
+  kind, _, path = str(spec).partition(":")
+  if kind not in ("hf", "run") or not path:
+    raise ValueError(f"config.train.init_from={spec!r} must be 'hf:DIR' or 'run:WORKDIR'")
+  if kind == "run" and not (Path(path) / "config.json").exists():
+    raise FileNotFoundError(f"config.train.init_from={spec!r}: {path} has no config.json: not a training run")
+  if kind == "hf" and not Path(path).is_dir():
+    raise FileNotFoundError(f"config.train.init_from={spec!r}: {path} is not a directory")
+
+
 def load_init_source(spec: str) -> Transformer:
   """The model `config.train.init_from` names: "hf:DIR" (a transformers BitNet or LLaMA checkpoint directory,
   `interop.hf.load`) or "run:WORKDIR" (the last checkpoint of one of our runs, `load_checkpoint`)."""
@@ -97,7 +109,10 @@ def load_checkpoint(workdir: str | os.PathLike, config: ml_collections.ConfigDic
   if config is None:
     if not (workdir / "config.json").exists():
       raise FileNotFoundError(f"{workdir} has no config.json: not a training run directory")
-    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    try:
+      config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    except ValueError as e:
+      raise ValueError(f"{workdir / 'config.json'} is unreadable ({e}): restore it from a copy") from None
   config = config.copy_and_resolve_references()
   config.sharding.per_shard_groups = False   # the trained groups, recorded in config.model, whatever the mesh
   with ocp.CheckpointManager(directory) as manager:

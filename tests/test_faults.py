@@ -6,9 +6,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import jax
@@ -131,6 +133,18 @@ def test_an_update_that_poisons_the_weights_is_not_saved(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- resume checks before anything is written
+@pytest.mark.parametrize("key,value", [("optim.lr", float("nan")), ("optim.lr", -1e-3),
+                                       ("train.init_from", "run:/nonexistent/run")])
+def test_a_refused_fresh_run_leaves_no_workdir(tmp_path, key, value):
+  config = _tiny()
+  section, field = key.split(".")
+  config[section][field] = value
+  with pytest.raises((ValueError, FileNotFoundError), match=rf"{field}"):
+    train.train_and_evaluate(config, tmp_path / "run", progress=False)
+  assert not (tmp_path / "run").exists()
+
+
+
 @pytest.mark.parametrize("section,key,value", [
     ("model", "d_model", 128), ("model", "weight_quant", "none"), ("train", "batch_size", 4),
     ("train", "seq_len", 32), ("train", "steps", 24), ("train", "seed", 1), ("optim", "lr", 1e-2),
@@ -210,7 +224,11 @@ def _garble_metadata(workdir, step):
   (Path(workdir) / "checkpoints" / str(step) / "state" / "_METADATA").write_text("{garbled")
 
 
-@pytest.mark.parametrize("damage", [_zero_bytes, _delete_a_file, _garble_metadata])
+def _delete_checksums(workdir, step):
+  shutil.rmtree(Path(workdir) / "checkpoints" / str(step) / checkpoint.CHECKSUMS)
+
+
+@pytest.mark.parametrize("damage", [_zero_bytes, _delete_a_file, _garble_metadata, _delete_checksums])
 def test_a_damaged_latest_step_is_skipped_and_training_continues_exactly(finished, tmp_path, capfd, damage):
   workdir = _copy(finished, tmp_path)
   rows = _rows(workdir)
@@ -315,6 +333,22 @@ def test_cli_refused_resume_and_debug_traceback(finished, tmp_path):
   debug = _cli("bitnet_jax.train", *args, "--debug")
   assert debug.returncode == 1 and "Traceback" in debug.stderr and "ResumeRefused" in debug.stderr
   assert _snapshot(workdir) == before
+
+
+def test_ctrl_c_lets_the_save_in_flight_finish_and_says_interrupted(tmp_path):
+  proc = subprocess.Popen([sys.executable, "-m", "bitnet_jax.train", "--config=configs/lm.py:b158-tiny",
+                           f"--workdir={tmp_path}", "--config.train.steps=2000", "--config.train.checkpoint_every=2",
+                           "--config.train.log_every=1"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, env=ENV)
+  deadline = time.time() + 240
+  while time.time() < deadline and not (tmp_path / "checkpoints" / "4").exists():
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGINT)
+  err = proc.communicate(timeout=240)[1]
+  assert proc.returncode == 130 and err.strip().splitlines()[-1] == "train: interrupted", err[-3000:]
+  assert "Traceback" not in err and not list((tmp_path / "checkpoints").glob("*.orbax-checkpoint-tmp"))
+  assert not (tmp_path / runs.LOCK_NAME).exists()
+  train.load_checkpoint(tmp_path, step=_steps(tmp_path)[-1])   # the newest step is whole: it verifies
 
 
 def test_a_failed_save_stops_the_run_and_keeps_the_earlier_checkpoints(tmp_path):

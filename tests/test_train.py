@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitnet_jax import compare, train
+from bitnet_jax import compare, generate, train
 from configs import lm
 from configs.common import parse_arg
 
@@ -275,9 +275,16 @@ def test_compare_job_prints_a_table_and_plots(tmp_path, capsys):
   result = compare.main([f"--workdir={tmp_path}", "--size=tiny", "--steps=6", "--sample-tokens=8"])
   out = capsys.readouterr().out
   assert set(result) == {"b158-tiny", "fp-tiny"}
-  assert "| b158-tiny |" in out and "| fp-tiny |" in out and "greedy sample" in out
+  assert "| b158-tiny |" in out and "| fp-tiny |" in out and "sample (temperature 0.8, top-p 0.95, seed 0)" in out
   assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
-  assert len(result["b158-tiny"]["sample"]) > 0
+  assert result["b158-tiny"]["sample"].startswith(compare.PROMPT) and len(result["b158-tiny"]["sample"]) > 0
+  # the same seed gives the same text; temperature 0 is greedy decoding
+  run = tmp_path / "b158-tiny"
+  assert compare.sample(run, 8) == result["b158-tiny"]["sample"]
+  greedy = compare.sample(run, 8, temperature=0.0)
+  model, tok = generate.load_run(run)
+  reference = generate.greedy(model, jnp.asarray(tok.encode(compare.PROMPT), jnp.int32)[None], 8)
+  assert greedy == tok.decode(np.asarray(reference[0]))
 
 
 def test_compiler_options_give_ynnpack_dots_only_on_cpu_and_yield_to_xla_flags(monkeypatch):

@@ -339,6 +339,11 @@ def main(argv: Sequence[str] | None = None) -> None:
   sys.argv = [f"{sys.executable} -m bitnet_jax.interop.lm_eval", *args]   # the harness's parser reads sys.argv
   try:
     cli_evaluate()
+  except ValueError as e:   # the harness's own checks of its arguments ("Tasks not found: ...") are the user's
+    import lm_eval as harness
+    if cli.raised_in(e, Path(harness.__file__).parent):
+      raise cli.UserError(str(e)) from e
+    raise
   finally:
     sys.argv = saved
 
