@@ -16,7 +16,9 @@ changes the second sum (2i + 1 is odd, so invertible mod 2^32); a swap of two di
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
 import sys
 import warnings
@@ -143,6 +145,7 @@ def restore_intact(manager: ocp.CheckpointManager, restore: Callable[[int], T], 
       verify(state_of(result), expected, f"checkpoint step {s}")
       return s, result
     except Exception as e:  # noqa: BLE001 (any failure to read a step makes it unusable)
+      failed_save_happened()   # its other reads report from orbax's threads as a failed save's writes do
       failures.append(f"step {s}: {one_line(e)}")
       if step is None:
         warn(s, one_line(e))
@@ -182,6 +185,29 @@ class _DropFailedSaveLogs(logging.Filter):
     return "orbax-checkpoint-tmp" not in record.getMessage()
 
 
+class _DropOrbaxErrors(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+@contextlib.contextmanager
+def quiet_orbax_errors():
+  """orbax logs a failed save from every thread that touched it, and a failed restore with TensorStore's whole
+  spec (about 100 lines per array); the trainer and `restore_intact` report each failure in one line themselves,
+  so orbax's ERROR records are dropped while this context is open (on the absl logger and the root handlers,
+  where they are emitted and where they land)."""
+  quiet_failed_saves()   # a failed restore's other reads report like a failed save's writes
+  drop = _DropOrbaxErrors()
+  targets = [logging.getLogger("absl"), *logging.getLogger().handlers]
+  for target in targets:
+    target.addFilter(drop)
+  try:
+    yield
+  finally:
+    for target in targets:
+      target.removeFilter(drop)
+
+
 _state = {"quiet": False, "failed": False}
 
 
@@ -209,7 +235,7 @@ def quiet_failed_saves() -> None:
 
 
 def failed_save_happened() -> None:
-  """Marks this process as stopping after a failed save (see `quiet_failed_saves`)."""
+  """Marks this process as past a failed save or restore (see `quiet_failed_saves`)."""
   _state["failed"] = True
 
 

@@ -67,6 +67,7 @@ def one_line(exc: BaseException) -> str:
   """The message of `exc` on one line. Multi-line messages (orbax's, absl's) are reduced to their last line that
   says what went wrong (an `[Errno ...]` line or an `XxxError: ...` line), else joined."""
   text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+  text = text.split(". See full TensorStore details")[0]   # tensorstore appends its whole spec (kilobytes)
   lines = [line.strip() for line in text.splitlines() if line.strip()]
   if not lines:
     return type(exc).__name__

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import os
 import sys
@@ -85,7 +84,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   config = config.copy_and_resolve_references()
   config.model.groups, config.model.fsdp_groups = model_cfg.groups, model_cfg.fsdp_groups   # as trained
   main_process = jax.process_index() == 0
-  with (runs.WorkdirLock(workdir) if main_process else contextlib.nullcontext()), _quiet_orbax_errors():
+  with (runs.WorkdirLock(workdir) if main_process else contextlib.nullcontext()), checkpoint.quiet_orbax_errors():
     return _train(config, workdir, mesh, rules, model_cfg, tokenizer, progress, stop_at_step)
 
 
@@ -98,24 +97,6 @@ def _write_atomic(path: Path, text: str) -> None:
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text(text)
   os.replace(tmp, path)
-
-
-class _DropOrbaxErrors(logging.Filter):
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
-
-
-@contextlib.contextmanager
-def _quiet_orbax_errors():
-  """orbax logs a failed background save from every thread that touched it (hundreds of lines for a full disk);
-  the trainer reports it once itself (`checkpoint.finished_save_error`), so those records are dropped while it
-  runs."""
-  drop, logger = _DropOrbaxErrors(), logging.getLogger("absl")
-  logger.addFilter(drop)
-  try:
-    yield
-  finally:
-    logger.removeFilter(drop)
 
 
 def _non_finite_stop(manager, directory: Path, what: str) -> NonFiniteLossError:
@@ -195,7 +176,6 @@ def _train(config, workdir: Path, mesh, rules, model_cfg: ModelConfig, tokenizer
                                     "changes": changes["allowed"], "new_fields": changes["added"]})
 
     pending = {"step": None}   # the step of a save that may still be in flight
-    checkpoint.quiet_failed_saves()
 
     def save_failed(failed: int, error: BaseException) -> checkpoint.CheckpointError:
       pending["step"] = None

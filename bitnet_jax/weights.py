@@ -127,8 +127,9 @@ def load_checkpoint(workdir: str | os.PathLike, config: ml_collections.ConfigDic
       abstract = {"model": jax.tree.map(concrete, nnx.to_pure_dict(nnx.state(model)))}
       args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
           abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True))
-      _, restored = checkpoint.restore_intact(manager, lambda s: manager.restore(s, args=args), lambda r: r.state,
-                                              step=step)
+      with checkpoint.quiet_orbax_errors():
+        _, restored = checkpoint.restore_intact(manager, lambda s: manager.restore(s, args=args),
+                                                lambda r: r.state, step=step)
       graphdef, state = nnx.split(model)
       nnx.replace_by_pure_dict(state, restored.state["model"])
       return nnx.merge(graphdef, state), config

@@ -3,6 +3,8 @@ debugging them: benchmarks/matvec.py with every kernel row in the Pallas interpr
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
@@ -47,3 +49,17 @@ def test_train_step_benchmark_runs_ours_and_the_peer_in_one_table():
   assert rows["fp 2B4T"][2] == "1.000" and float(rows["b158 2B4T"][3]) > 0, out   # ratios to our fp, to the peer
   assert "torch 2." in out and " cores; " in out, out   # versions and the CPU the figures came from
   assert "| dots | transposes and copies |" in profile and "| b158 2B4T |" in profile, out
+
+
+def test_faults_script_runs_its_cases_and_counts_them(tmp_path):
+  """`benchmarks/faults.py` (the README's count of bad inputs and faults) on two of its cases: a bad config name and
+  a refused resume, each run through the real CLI against a trained template run."""
+  out = subprocess.run([sys.executable, "benchmarks/faults.py", "--only", "config variant unknown", "--only",
+                        "resume d_model", "--json", str(tmp_path / "faults.json")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=900, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "2 bad inputs and faults tried: 2 handled, 0 with a traceback, 0 wrong, 0 lost work" in out.stdout
+  results = json.loads((tmp_path / "faults.json").read_text())["results"]
+  assert {r["name"]: r["outcome"] for r in results} == {"config variant unknown": "handled",
+                                                        "resume d_model": "handled"}
+  assert all(r["last_line"].startswith("train: error:") for r in results)
