@@ -32,6 +32,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -97,6 +98,14 @@ def _write_atomic(path: Path, text: str) -> None:
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text(text)
   os.replace(tmp, path)
+
+
+def _finish_saves(manager) -> None:
+  try:
+    manager.wait_until_finished()
+    manager.close()
+  except Exception:  # noqa: BLE001 (a failed save: the steps before it are intact; an unfinished one is ignored)
+    pass
 
 
 def _non_finite_stop(manager, directory: Path, what: str) -> NonFiniteLossError:
@@ -251,12 +260,10 @@ def _train(config, workdir: Path, mesh, rules, model_cfg: ModelConfig, tokenizer
             last_time, last_step = time.perf_counter(), step
           if step % t.checkpoint_every == 0 or step == last:
             save(step)
-    except KeyboardInterrupt:   # Ctrl-C: let the save in flight complete, so the newest checkpoint is whole
-      try:
-        manager.wait_until_finished()
-        manager.close()
-      except Exception:  # noqa: BLE001 (a failed save: the steps before it are intact)
-        pass
+    except KeyboardInterrupt:   # Ctrl-C: give the save in flight up to a minute to complete
+      finisher = threading.Thread(target=_finish_saves, args=(manager,), daemon=True)
+      finisher.start()
+      finisher.join(timeout=60)   # an interrupted orbax call can leave it waiting forever: not this process
       raise
     if pending["step"] is not None:
       while manager.is_saving_in_progress():
@@ -374,4 +381,11 @@ if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
   _simulate_devices_from_argv(sys.argv)
   sys.path.insert(0, os.getcwd())   # so config files can import `configs.common`
-  app.run(lambda argv: cli.run("train", lambda _: main(argv), sys.argv[1:]), flags_parser=_parse_flags)
+  try:
+    app.run(lambda argv: cli.run("train", lambda _: main(argv), sys.argv[1:]), flags_parser=_parse_flags)
+  except SystemExit as e:
+    if e.code == 130:   # interrupted: orbax's threads may be stuck in the interrupted save; leave without them
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(130)
+    raise
