@@ -296,11 +296,10 @@ def check_tokenizer(workdir: str | os.PathLike, tokenizer) -> None:
 
 def check_not_a_run(out: str | os.PathLike, workdir: str | os.PathLike) -> None:
   """Raises ValueError if writing to `out` could overwrite a run: `out` is `workdir`, lies inside its
-  checkpoints, or is a directory that holds a run (a config.json or checkpoints/)."""
+  checkpoints, or is a directory that holds a run (a checkpoints/ folder; a config.json alone may be an HF export's)."""
   out, workdir = Path(out).absolute(), Path(workdir).absolute()
   run_files = {workdir / n for n in ("config.json", "data.json", "metrics.jsonl", "summary.json", HISTORY_NAME)}
   if out == workdir or workdir / "checkpoints" in out.parents or out in run_files:
     raise ValueError(f"--out={out} would overwrite the run in {workdir}: write the export elsewhere")
-  if out.is_dir() and ((out / "config.json").exists() and (out / "checkpoints").exists()
-                       or (out / "checkpoints").exists()):
+  if (out / "checkpoints").is_dir():
     raise ValueError(f"--out={out} holds a training run: write the export elsewhere")
