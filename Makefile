@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test clean
+.PHONY: install train test clean notebooks
 
 $(STAMP): requirements.txt requirements-interop.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,3 +23,8 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The notebooks in colab/ are paired by jupytext with percent-format sources (colab/NAME.py): edit the .py, then
+# this updates each .ipynb's cells (keeping cell ids, and no outputs); tests/test_notebooks.py checks the pairs.
+notebooks: $(STAMP)
+	$(VENV)/bin/jupytext --update --to ipynb colab/[0-9]*.py

@@ -1,4 +1,5 @@
-"""The Colab notebooks in colab/: each runs top to bottom (shrunken, `BITNET_SMALL=1`) and is committed clean.
+"""The Colab notebooks in colab/: each runs top to bottom (shrunken, `BITNET_SMALL=1`), is committed clean, and is in
+sync with its jupytext source (colab/NAME.py, percent format: the file a review reads and an edit changes).
 
 The kernel is this interpreter (`sys.executable`, the venv's Python in `make test` and CI), through a kernel spec
 named "python3" written into a temporary folder, so a "python3" kernel installed elsewhere on the machine is
@@ -7,13 +8,13 @@ never picked up.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
+import jupytext
 import nbformat
 import pytest
 from jupyter_client.kernelspec import KernelSpecManager
@@ -23,14 +24,8 @@ from nbclient import NotebookClient
 ROOT = Path(__file__).resolve().parent.parent
 COLAB = ROOT / "colab"
 NOTEBOOKS = ("01_quantizers", "02_train_bitnet_vs_fp", "03_scaling_and_energy", "04_sharding")
+NOTEBOOK_METADATA = ("kernelspec", "colab", "accelerator")   # what the .py header carries for the .ipynb
 CELL_TIMEOUT_S = 300   # one cell; the shrunken notebooks take about a minute in all on 2 CPU cores
-
-
-def _builder():
-  spec = importlib.util.spec_from_file_location("colab_build", COLAB / "_build.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _kernel_manager(tmp_path: Path) -> KernelManager:
@@ -70,11 +65,47 @@ def test_committed_notebook_has_no_outputs(name):
       assert cell.execution_count is None, f"{name} cell {i} has execution count {cell.execution_count}"
 
 
+def test_colab_holds_exactly_the_paired_notebooks():
+  """Every notebook has its source and every source its notebook; nothing else generates them."""
+  assert sorted(p.stem for p in COLAB.glob("*.ipynb")) == sorted(NOTEBOOKS)
+  assert sorted(p.stem for p in COLAB.glob("*.py")) == sorted(NOTEBOOKS)
+
+
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_committed_notebook_is_what_the_builder_writes(name):
-  expected = _builder().render(name)
-  assert (COLAB / f"{name}.ipynb").read_text() == expected, \
-      f"colab/{name}.ipynb is out of date: run `.venv/bin/python colab/_build.py` and commit both"
+def test_notebook_is_in_sync_with_its_jupytext_source(name):
+  """Cell by cell the .ipynb holds what colab/NAME.py holds (`make notebooks` updates it after an edit)."""
+  notebook = nbformat.read(COLAB / f"{name}.ipynb", as_version=4)
+  source = jupytext.read(COLAB / f"{name}.py")
+  hint = f"colab/{name}.ipynb differs from colab/{name}.py: run `make notebooks` and commit both"
+  assert notebook.metadata.get("jupytext", {}).get("formats") == "ipynb,py:percent", hint
+  assert len(notebook.cells) == len(source.cells), hint
+  for i, (a, b) in enumerate(zip(notebook.cells, source.cells)):
+    assert (a.cell_type, a.source) == (b.cell_type, b.source), f"{hint} (first difference in cell {i})"
+  for key in NOTEBOOK_METADATA:
+    assert notebook.metadata.get(key) == source.metadata.get(key), f"{hint} (notebook metadata {key!r})"
+
+
+def test_sync_check_sees_an_edit(tmp_path):
+  """The comparison above is not vacuous: editing one line of a source is a difference in exactly that cell."""
+  source = jupytext.read(COLAB / f"{NOTEBOOKS[0]}.py")
+  notebook = nbformat.read(COLAB / f"{NOTEBOOKS[0]}.ipynb", as_version=4)
+  i = next(i for i, c in enumerate(source.cells) if c.cell_type == "code" and i > 1)
+  source.cells[i].source += "\nprint('edited')"
+  jupytext.write(source, tmp_path / "edited.py", fmt="py:percent")
+  edited = jupytext.read(tmp_path / "edited.py")
+  differ = [j for j, (a, b) in enumerate(zip(notebook.cells, edited.cells)) if a.source != b.source]
+  assert differ == [i]
+
+
+def test_install_cell_is_the_same_in_every_notebook():
+  """Each notebook must bootstrap itself on Colab, so the install code is repeated: one text, edited in step."""
+  cells = {}
+  for name in NOTEBOOKS:
+    source = nbformat.read(COLAB / f"{name}.ipynb", as_version=4).cells[1].source
+    # 04 sets up its 8 devices first (before jax is imported); 02-04 then also find configs/ in the clone.
+    end = "importlib.invalidate_caches()\n"
+    cells[name] = source[source.index("# Install."):source.index(end) + len(end)]
+  assert len(set(cells.values())) == 1, f"install cells differ between {sorted(cells)}"
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
