@@ -14,7 +14,6 @@ gets it copied in. Bad arguments, a missing run or checkpoint, a tokenizer file 
 from __future__ import annotations
 
 import argparse
-import sys
 
 from bitnet_jax.interop import gguf, hf
 from bitnet_jax.tokenizer import HFTokenizer

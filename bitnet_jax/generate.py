@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -40,8 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bitnet_jax import kernels, kv_cache, packing, quant
-from bitnet_jax.layers import WEIGHT_CODES, BitLinear
+from bitnet_jax import hadamard, kernels, kv_cache, packing, quant
+from bitnet_jax.layers import ACT_QUANTIZERS, LEARNED_SCALE, WEIGHT_CODES, BitLinear
 from bitnet_jax.model import STACK_INDEXED, Transformer
 
 if TYPE_CHECKING:
@@ -66,7 +65,8 @@ class PackedCodes(nnx.Variable):
 
 
 def _packable(layer: BitLinear) -> bool:
-  return layer.weight_quant in WEIGHT_CODES and layer.act_bits is not None and not layer.act_asymmetric
+  return ((layer.weight_quant in WEIGHT_CODES or layer.weight_quant in LEARNED_SCALE) and layer.act_bits is not None
+          and not layer.act_asymmetric)
 
 
 class PackedLinear(nnx.Module):
@@ -86,11 +86,12 @@ class PackedLinear(nnx.Module):
       raise ValueError(f"PackedLinear needs quantised weights and symmetric quantised activations "
                        f"(weight_quant={layer.weight_quant!r}, act_bits={layer.act_bits!r}, "
                        f"act_asymmetric={layer.act_asymmetric})")
-    codes, scale = WEIGHT_CODES[layer.weight_quant](layer.kernel[...], groups=layer.weight_groups, exact=layer.exact)
+    codes, scale = layer.weight_codes()
     self.n_out = layer.kernel.shape[1]
     self.packed = PackedCodes(packing.pack_2bit(codes, axis=-1))                     # uint8 [K, ceil(N / 4)]
     self.scale = PackedCodes(scale)                                                 # float32 (G_in, G_out)
     self.norm, self.act_bits, self.dtype, self.exact = layer.norm, layer.act_bits, layer.dtype, layer.exact
+    self.act_quant, self.input_transform = layer.act_quant, layer.input_transform
     self.act_groups = layer.groups if layer.group_axis == "in" else 1
     self.layer: PackedCodes | None = nnx.data(None)   # this block's index once the blocks are stacked (`_stack_blocks`)
 
@@ -98,8 +99,13 @@ class PackedLinear(nnx.Module):
     x = x.astype(self.dtype)
     if self.norm is not None:
       x = self.norm.apply_gain(self.norm.normalize(x) if normalized is None else normalized, self.dtype)
-    x_codes, x_scale = quant.activation_codes(x, self.act_bits, per_token=True, groups=self.act_groups,
-                                              exact=self.exact)
+    if self.input_transform == "hadamard":
+      x = hadamard.hadamard_transform(x, groups=self.act_groups)
+    if self.act_quant is not None:
+      x_codes, x_scale = ACT_QUANTIZERS[self.act_quant].codes(x, groups=self.act_groups, exact=self.exact)
+    else:
+      x_codes, x_scale = quant.activation_codes(x, self.act_bits, per_token=True, groups=self.act_groups,
+                                                exact=self.exact)
     layer = None if self.layer is None else self.layer[...]   # stacked: codes and scales are the whole stack
     y = kernels.matmul(x_codes, self.packed[...], self.scale[...], n_out=self.n_out, x_scale=x_scale, layer=layer)
     return y.astype(self.dtype)

@@ -19,22 +19,53 @@ float32 scale per block, not the float32 latent kernel: 4x fewer bytes on the wi
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.core import spmd
 
-from bitnet_jax import quant
+from bitnet_jax import hadamard, quant
+from bitnet_jax import quant_successors as qs
 
 WEIGHT_QUANTIZERS: dict[str, Callable[..., jax.Array] | None] = {
     "ternary": quant.ternary_weights,   # b1.58 absmean, {-1, 0, +1}
     "binary": quant.binary_weights,     # BitNet sign, {-1, +1}
+    "ternary_seq": qs.seq_ternary_weights,   # ParetoQ SEQ, {-2/3, 0, 2/3} x a learned scale per output channel
     "none": None,                       # full precision
 }
-WEIGHT_CODES = {"ternary": quant.ternary_codes, "binary": quant.binary_codes}
+WEIGHT_CODES = {"ternary": quant.ternary_codes, "binary": quant.binary_codes}   # statistic-based: (w, groups=)
+LEARNED_SCALE = {"ternary_seq": qs.seq_ternary_codes}   # (w, alpha): the layer holds alpha (`weight_scale`)
 NORM_KINDS = ("rms", "layer")
+
+
+class ActQuant(NamedTuple):
+  """One named activation quantiser: its bits, the fake-quant (STE) and the integer code form, each called as
+  `fn(x, groups=G, exact=...)` on the feature axis, per token."""
+  bits: int
+  fake: Callable[..., jax.Array]
+  codes: Callable[..., tuple[jax.Array, jax.Array]]
+
+
+def _topk_then(fn, fraction: float):
+  return lambda x, **kw: fn(qs.topk_sparsify(x, fraction, groups=kw["groups"]), **kw)
+
+
+# Named activation quantisers (`BitLinear(act_quant=...)`, `ModelConfig.act_quant`). Without a name a layer keeps
+# the configurable absmax of `act_bits` / `act_per_token` / `act_asymmetric` (BitNet, b1.58).
+ACT_QUANTIZERS: dict[str, ActQuant] = {
+    # per-token absmax INT8: b1.58 FAQ `activation_quant`, a4.8 eq. 3, v2 eq. 5
+    "absmax8": ActQuant(8, lambda x, **kw: quant.quantize_activations(x, 8, **kw),
+                        lambda x, **kw: quant.activation_codes(x, 8, **kw)),
+    # per-token absmean INT4, codes [-8, 7], scale sqrt(7) / mean|x|: a4.8 eq. 7, v2 eq. 6
+    "absmean4": ActQuant(4, lambda x, **kw: qs.absmean_activations(x, 4, **kw),
+                         lambda x, **kw: qs.absmean_activation_codes(x, 4, **kw)),
+    # a4.8 eq. 1: the top 50% of |x| per token kept, then per-token absmax INT8 (attention output projection)
+    "topk50_absmax8": ActQuant(8, _topk_then(lambda x, **kw: quant.quantize_activations(x, 8, **kw), 0.5),
+                               _topk_then(lambda x, **kw: quant.activation_codes(x, 8, **kw), 0.5)),
+}
+INPUT_TRANSFORMS = ("hadamard",)   # applied after the layer's norm, before activation quantisation (v2 eq. 7)
 
 
 def make_param(value: jax.Array, axes: Sequence[str | None]) -> nnx.Param:
@@ -109,10 +140,15 @@ class BitLinear(nnx.Module):
 
   Args:
     in_features, out_features: kernel shape [in, out] (Flax layout; `x @ kernel`).
-    weight_quant: "ternary" (b1.58 absmean), "binary" (BitNet sign), or "none".
+    weight_quant: "ternary" (b1.58 absmean), "binary" (BitNet sign), "ternary_seq" (ParetoQ SEQ, with a learned
+      scale per output channel, the parameter `weight_scale`, initialised to max|W| of its column), or "none".
     act_bits: activation bits (2..8), or None for no activation quantisation.
     act_per_token: absmax per token (b1.58, BitNet at inference) or per tensor (BitNet training).
     act_asymmetric: BitNet's zero-point form for inputs of a non-linearity (eq. 6).
+    act_quant: a named activation quantiser of `ACT_QUANTIZERS` ("absmax8", "absmean4", "topk50_absmax8"); it
+      replaces act_bits / act_per_token / act_asymmetric (per token, symmetric). None: those three decide.
+    input_transform: "hadamard" makes the layer BitNet v2's H-BitLinear (eq. 7): `Q(Hadamard(Norm(x)))`, the
+      normalised Hadamard transform of `bitnet_jax.hadamard`, block-diagonal within each activation group.
     groups: G quantisation groups (BitNet section 2.3), aligned with the tensor-parallel shards.
     group_axis: "out" groups the kernel's output features (column-parallel layers: the input is whole on
       every shard, so only the weight statistics are grouped); "in" groups its input features, and then the
@@ -134,7 +170,7 @@ class BitLinear(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, *, weight_quant: str = "ternary",
                act_bits: int | None = 8, act_per_token: bool = True, act_asymmetric: bool = False,
-               groups: int = 1, group_axis: str = "out", fsdp_groups: int = 1, norm: str | None = None,
+               act_quant: str | None = None, input_transform: str | None = None, groups: int = 1, group_axis: str = "out", fsdp_groups: int = 1, norm: str | None = None,
                norm_eps: float = 1e-5,
                norm_scale: bool = True, dtype=jnp.float32, param_dtype=jnp.float32, init_std: float = 0.02,
                axes: Sequence[str | None] = ("embed", "mlp"), quant_mix: bool = False, exact: bool = False,
@@ -143,6 +179,13 @@ class BitLinear(nnx.Module):
       raise ValueError(f"BitLinear weight_quant must be one of {tuple(WEIGHT_QUANTIZERS)}, got {weight_quant!r}")
     if act_bits is not None and (not isinstance(act_bits, int) or not 2 <= act_bits <= 8):
       raise ValueError(f"BitLinear act_bits must be None or an int from 2 to 8, got {act_bits!r}")
+    if act_quant is not None:
+      if act_quant not in ACT_QUANTIZERS:
+        raise ValueError(f"BitLinear act_quant must be None or one of {tuple(ACT_QUANTIZERS)}, got {act_quant!r}")
+      act_bits, act_per_token, act_asymmetric = ACT_QUANTIZERS[act_quant].bits, True, False
+    if input_transform not in (None, *INPUT_TRANSFORMS):
+      raise ValueError(f"BitLinear input_transform must be None or one of {INPUT_TRANSFORMS}, "
+                       f"got {input_transform!r}")
     if group_axis not in ("in", "out"):
       raise ValueError(f"BitLinear group_axis must be 'in' or 'out', got {group_axis!r}")
     grouped = in_features if group_axis == "in" else out_features
@@ -158,12 +201,15 @@ class BitLinear(nnx.Module):
     self.act_per_token, self.act_asymmetric = act_per_token, act_asymmetric
     self.groups, self.group_axis, self.fsdp_groups, self.dtype = groups, group_axis, fsdp_groups, dtype
     self.axes, self.exact = tuple(axes), bool(exact)
+    self.act_quant, self.input_transform = act_quant, input_transform
     self.integer = False   # inference: int8 x int8 -> int32 matmul (`use_integer_matmul`)
     in_groups = groups if group_axis == "in" else 1
     self.norm = (Norm(in_features, kind=norm, eps=norm_eps, use_scale=norm_scale, groups=in_groups,
                       axis_name=axes[0], param_dtype=param_dtype) if norm else None)
     kernel = jax.random.normal(rngs.params(), (in_features, out_features), param_dtype) * init_std
     self.kernel = make_param(kernel, axes)
+    self.weight_scale = (make_param(qs.seq_init_scale(kernel), axes[1:]) if weight_quant in LEARNED_SCALE
+                         else None)
     self.quant_mix = QuantMix(jnp.ones((), jnp.float32)) if quant_mix else None
 
   @property
@@ -188,6 +234,8 @@ class BitLinear(nnx.Module):
     w = self.kernel[...]
     if self.weight_quant == "none":
       return w
+    if self.weight_quant in LEARNED_SCALE:   # elementwise given alpha: no statistic, nothing to align with shards
+      return WEIGHT_QUANTIZERS[self.weight_quant](w, self.weight_scale[...])
     return _gathered_fake_quant(w, kind=self.weight_quant, groups=self.weight_groups, axes=self.axes,
                                 gathered=self._gathered_axes(), exact=self.exact)
 
@@ -202,10 +250,15 @@ class BitLinear(nnx.Module):
     x = x.astype(self.dtype)
     if self.norm is not None:
       x = self.norm.apply_gain(self.norm.normalize(x) if normalized is None else normalized, self.dtype)
+    if self.input_transform == "hadamard":
+      x = hadamard.hadamard_transform(x, groups=self.act_groups)
     if self.act_bits is None or self.integer:
       return x
-    xq = quant.quantize_activations(x, self.act_bits, per_token=self.act_per_token, groups=self.act_groups,
-                                    asymmetric=self.act_asymmetric, exact=self.exact)
+    if self.act_quant is not None:
+      xq = ACT_QUANTIZERS[self.act_quant].fake(x, groups=self.act_groups, exact=self.exact)
+    else:
+      xq = quant.quantize_activations(x, self.act_bits, per_token=self.act_per_token, groups=self.act_groups,
+                                      asymmetric=self.act_asymmetric, exact=self.exact)
     return xq if self.quant_mix is None else mix_quantized(x, xq, self.quant_mix[...])
 
   def effective_kernel(self) -> jax.Array:
@@ -229,10 +282,22 @@ class BitLinear(nnx.Module):
       raise ValueError("BitLinear integer matmul needs quantised weights and symmetric quantised activations "
                        f"(weight_quant={self.weight_quant!r}, act_bits={self.act_bits!r}, "
                        f"act_asymmetric={self.act_asymmetric})")
-    x_codes, x_scale = quant.activation_codes(x, self.act_bits, per_token=self.act_per_token, groups=act_groups,
-                                              exact=self.exact)
-    w_codes, w_scale = WEIGHT_CODES[self.weight_quant](self.kernel[...], groups=self.weight_groups, exact=self.exact)
+    x_codes, x_scale = self.activation_codes(x, act_groups)
+    w_codes, w_scale = self.weight_codes()
     return quant.int_matmul(x_codes, x_scale, w_codes, w_scale).astype(self.dtype)
+
+  def activation_codes(self, x: jax.Array, act_groups: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """(int8 codes, float32 scale) of the prepared (normed, transformed) input x, by this layer's quantiser."""
+    groups = self.act_groups if act_groups is None else act_groups
+    if self.act_quant is not None:
+      return ACT_QUANTIZERS[self.act_quant].codes(x, groups=groups, exact=self.exact)
+    return quant.activation_codes(x, self.act_bits, per_token=self.act_per_token, groups=groups, exact=self.exact)
+
+  def weight_codes(self) -> tuple[jax.Array, jax.Array]:
+    """(int8 codes shaped like the kernel, float32 (G_in, G_out) scale grid): the quantised kernel's integer form."""
+    if self.weight_quant in LEARNED_SCALE:
+      return LEARNED_SCALE[self.weight_quant](self.kernel[...], self.weight_scale[...])
+    return WEIGHT_CODES[self.weight_quant](self.kernel[...], groups=self.weight_groups, exact=self.exact)
 
 
 @jax.custom_vjp
@@ -269,6 +334,15 @@ def set_quant_mix(module: nnx.Module, lam: jax.Array | float) -> int:
       layer.quant_mix[...] = jnp.asarray(lam, jnp.float32)
       n += 1
   return n
+
+
+def set_act_quant(layer: BitLinear, name: str) -> None:
+  """Switches a BitLinear that uses a named activation quantiser to another one (`ACT_QUANTIZERS`); the layer's
+  parameters are unchanged (activation quantisers have none), so its compiled step is traced once more."""
+  if layer.act_quant is None or name not in ACT_QUANTIZERS:
+    raise ValueError(f"set_act_quant: the layer's act_quant is {layer.act_quant!r} and the new one {name!r}; both must "
+                     f"be one of {tuple(ACT_QUANTIZERS)}")
+  layer.act_quant, layer.act_bits = name, ACT_QUANTIZERS[name].bits
 
 
 def use_integer_matmul(module: nnx.Module, on: bool = True) -> int:

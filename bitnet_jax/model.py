@@ -63,10 +63,13 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 def _linear(cfg: ModelConfig, d_in: int, d_out: int, axes, *, parallel: str, rngs: nnx.Rngs,
-            norm: bool = True, asymmetric: bool = False) -> BitLinear:
-  """A BitLinear with the config's quantisation. parallel="column" groups outputs, "row" groups inputs."""
-  return BitLinear(d_in, d_out, weight_quant=cfg.weight_quant, act_bits=cfg.act_bits,
-                   act_per_token=cfg.act_per_token, act_asymmetric=asymmetric, groups=cfg.groups,
+            norm: bool = True, asymmetric: bool = False, role: str = "act_quant") -> BitLinear:
+  """A BitLinear with the config's quantisation. parallel="column" groups outputs, "row" groups inputs. `role`
+  names the config field of its activation quantiser; the two output roles are H-BitLinear if `cfg.hadamard`."""
+  act_quant = getattr(cfg, role)
+  return BitLinear(d_in, d_out, weight_quant=cfg.weight_quant, act_bits=cfg.act_bits if act_quant is None else None,
+                   act_per_token=cfg.act_per_token, act_asymmetric=asymmetric, act_quant=act_quant,
+                   input_transform="hadamard" if cfg.hadamard and role != "act_quant" else None, groups=cfg.groups,
                    group_axis="out" if parallel == "column" else "in", fsdp_groups=cfg.fsdp_groups,
                    norm=cfg.linear_norm if norm else None, norm_eps=cfg.norm_eps, norm_scale=cfg.linear_norm_scale,
                    dtype=cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype), init_std=cfg.init_std,
@@ -104,7 +107,8 @@ def _fusable(layers) -> bool:
   warm-up weight, with one activation quantiser, outside tensor parallelism (a concatenated kernel would not keep
   each shard's columns on its device)."""
   first = layers[0]
-  same = ("weight_quant", "act_bits", "act_per_token", "act_asymmetric", "act_groups", "dtype", "exact")
+  same = ("weight_quant", "act_bits", "act_per_token", "act_asymmetric", "act_quant", "input_transform",
+          "act_groups", "dtype", "exact")
   alike = all(type(l) is BitLinear and not l.integer and l.norm is None and l.quant_mix is None
               and all(getattr(l, a) == getattr(first, a) for a in same) for l in layers)
   return alike and not _tensor_parallel()
@@ -138,7 +142,8 @@ class Attention(nnx.Module):
     self.k_proj = _linear(cfg, D, K * Dh, ("embed", "kv_heads"), parallel="column", rngs=rngs)
     self.v_proj = _linear(cfg, D, K * Dh, ("embed", "kv_heads"), parallel="column", rngs=rngs)
     self.sub_norm = _norm(cfg, "rms" if cfg.sub_norms else None, H * Dh, "heads", cfg.groups)
-    self.o_proj = _linear(cfg, H * Dh, D, ("heads", "embed"), parallel="row", rngs=rngs, norm=not cfg.sub_norms)
+    self.o_proj = _linear(cfg, H * Dh, D, ("heads", "embed"), parallel="row", rngs=rngs, norm=not cfg.sub_norms,
+                          role="act_quant_attn_out")
 
   def __call__(self, x_btd: jax.Array, positions: jax.Array,
                cache: LayerKV | None = None) -> tuple[jax.Array, LayerKV | None]:
@@ -192,7 +197,7 @@ class FeedForward(nnx.Module):
     self.up_proj = _linear(cfg, D, F, ("embed", "mlp"), parallel="column", rngs=rngs)
     self.sub_norm = _norm(cfg, "rms" if cfg.sub_norms else None, F, "mlp", cfg.groups)
     self.down_proj = _linear(cfg, F, D, ("mlp", "embed"), parallel="row", rngs=rngs, norm=not cfg.sub_norms,
-                             asymmetric=cfg.bitnet_asymmetric_ffn)
+                             asymmetric=cfg.bitnet_asymmetric_ffn, role="act_quant_ffn_out")
 
   def __call__(self, x_btd: jax.Array) -> jax.Array:
     if self.gate_proj is not None:   # gate and up read the same input: one matmul, or a shared norm
@@ -416,8 +421,8 @@ def main(argv=None) -> None:
   if not args.list:
     parser.print_help()
     return
-  print(f"| preset | variant | d_model | layers | heads | kv | d_ff | vocab | params | non-embedding |")
-  print(f"|---|---|---|---|---|---|---|---|---|---|")
+  print("| preset | variant | d_model | layers | heads | kv | d_ff | vocab | params | non-embedding |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
   for name in PRESETS:
     cfg = preset(name, dtype="float32")
     n = count_params(cfg)

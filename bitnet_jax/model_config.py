@@ -1,6 +1,6 @@
 """model_config: ModelConfig, the variants' defaults and the papers' presets (layers -> model_config -> model).
 
-The four variants (`ModelConfig.variant`; table `VARIANTS` holds each one's defaults for the fields left at "auto"):
+The variants (`ModelConfig.variant`; table `VARIANTS` holds each one's defaults for the fields left at "auto"):
   * "b158"      BitNet b1.58 (2402.17764): ternary absmean weights, per-token 8-bit absmax activations,
                 LLaMA-like (RMSNorm, SwiGLU, rotary embeddings, no biases). As in the FAQ reference code every
                 linear layer of attention and FFN is a BitLinear with its own RMSNorm, and the block's own
@@ -9,6 +9,18 @@ The four variants (`ModelConfig.variant`; table `VARIANTS` holds each one's defa
                 mode), LayerNorm inside each BitLinear (SubLN, eq. 12), a GELU FFN of width 4d.
   * "fp"        the LLaMA baseline of the b1.58 paper: same architecture, quantisation off, block pre-norms.
   * "fp_bitnet" the BitNet architecture with quantisation off.
+The successors, each the b158 layout (per-BitLinear RMSNorm, ternary absmean weights) with named activation
+quantisers (`layers.ACT_QUANTIZERS`) per projection role: block inputs (q/k/v, gate/up), the attention output
+projection's input (o_proj) and the FFN down projection's input (down_proj):
+  * "a48"       BitNet a4.8 (2411.04965): absmean INT4 on q/k/v and gate/up (eq. 6-7), top-50% then INT8 on
+                o_proj (eq. 1), INT8 on down_proj after a squared-ReLU GLU (eq. 5), whose zeros are its sparsity.
+  * "v2_a8"     BitNet v2 (2504.18415) with 8-bit activations: per-token absmax INT8 everywhere, and o_proj and
+                down_proj as H-BitLinear (eq. 7: norm, then the Hadamard transform, then quantisation), SwiGLU.
+  * "v2_a4"     BitNet v2 with native 4-bit activations: absmean INT4 everywhere (eq. 6), H-BitLinear as v2_a8.
+  * "b158_seq"  b158 with ParetoQ's (2502.02631) stretched elastic ternary quantiser: a learned scale per output
+                channel instead of the absmean statistic.
+The papers' two-stage recipes (8-bit activations first, then the 4-bit hybrid, reusing the optimiser state)
+are continue-training from an a8 run; see docs/quantisers.md.
 Options for the released b1.58 2B4T checkpoint (2504.12285): squared-ReLU gated FFN (`ffn="relu2_glu"`),
 extra `attn_sub_norm` / `ffn_sub_norm` before o_proj / down_proj (`sub_norms=True`), grouped-query attention
 (`n_kv_heads`), tied embeddings, `rope_theta`.
@@ -27,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from bitnet_jax import kv_cache
-from bitnet_jax.layers import NORM_KINDS, WEIGHT_QUANTIZERS
+from bitnet_jax.layers import ACT_QUANTIZERS, NORM_KINDS, WEIGHT_QUANTIZERS
 
 AUTO = "auto"   # a field left to the variant's default
 
@@ -41,7 +53,20 @@ VARIANTS: dict[str, dict] = {
                ffn="swiglu"),
     "fp_bitnet": dict(weight_quant="none", act_bits=None, act_per_token=True, linear_norm="layer",
                       block_norm=None, ffn="gelu"),
+    # Successors: named activation quantisers replace act_bits (None here), per role.
+    "a48": dict(weight_quant="ternary", act_bits=None, act_per_token=True, linear_norm="rms", block_norm=None,
+                ffn="relu2_glu", act_quant="absmean4", act_quant_attn_out="topk50_absmax8",
+                act_quant_ffn_out="absmax8", hadamard=False),
+    "v2_a8": dict(weight_quant="ternary", act_bits=None, act_per_token=True, linear_norm="rms", block_norm=None,
+                  ffn="swiglu", act_quant="absmax8", hadamard=True),
+    "v2_a4": dict(weight_quant="ternary", act_bits=None, act_per_token=True, linear_norm="rms", block_norm=None,
+                  ffn="swiglu", act_quant="absmean4", hadamard=True),
+    "b158_seq": dict(weight_quant="ternary_seq", act_bits=8, act_per_token=True, linear_norm="rms",
+                     block_norm=None, ffn="swiglu"),
 }
+# Fields every variant gets when its row leaves them out (before the roles follow `act_quant`).
+_BASE_DEFAULTS = dict(act_quant=None, hadamard=False)
+ACT_ROLES = ("act_quant", "act_quant_attn_out", "act_quant_ffn_out")
 FFN_KINDS = ("swiglu", "relu2_glu", "gelu", "relu")
 GATED = ("swiglu", "relu2_glu")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -63,11 +88,18 @@ class ModelConfig:
   n_kv_heads: int | None = None        # None: = n_heads (no GQA)
   d_ff: int | str = AUTO               # auto: 4 d for gelu/relu, 8d/3 rounded up to a multiple of 64 for GLUs
   max_seq_len: int = 256
-  variant: str = "b158"                # b158 | bitnet | fp | fp_bitnet
+  variant: str = "b158"                # b158 | bitnet | fp | fp_bitnet | a48 | v2_a8 | v2_a4 | b158_seq
   # Quantisation (auto: from the variant).
-  weight_quant: str = AUTO             # ternary | binary | none
+  weight_quant: str = AUTO             # ternary | binary | ternary_seq | none
   act_bits: int | None | str = AUTO    # 2..8, or None for no activation quantisation
   act_per_token: bool | str = AUTO     # per-token (b1.58) or per-tensor (BitNet training) absmax
+  # Named activation quantisers (`layers.ACT_QUANTIZERS`: absmax8 | absmean4 | topk50_absmax8), replacing act_bits
+  # (which must then be None): act_quant for the block inputs (q/k/v, gate/up), the two others for the inputs of
+  # o_proj and down_proj (auto: the variant's, else act_quant). None: the absmax of act_bits.
+  act_quant: str | None = AUTO
+  act_quant_attn_out: str | None = AUTO
+  act_quant_ffn_out: str | None = AUTO
+  hadamard: bool | str = AUTO          # o_proj and down_proj as BitNet v2's H-BitLinear (Hadamard before quant)
   bitnet_asymmetric_ffn: bool = False  # BitNet eq. 6 zero-point quantisation on the FFN down projection input
   groups: int = 1                      # quantisation groups G (BitNet section 2.3), aligned with tensor shards
   fsdp_groups: int = 1                 # weight-statistic groups along d_model, aligned with FSDP shards
@@ -104,9 +136,12 @@ class ModelConfig:
   def __post_init__(self):
     if self.variant not in VARIANTS:
       raise ValueError(f"ModelConfig.variant must be one of {tuple(VARIANTS)}, got {self.variant!r}")
-    for key, value in VARIANTS[self.variant].items():
+    for key, value in {**_BASE_DEFAULTS, **VARIANTS[self.variant]}.items():
       if getattr(self, key) == AUTO:
         object.__setattr__(self, key, value)
+    for key in ACT_ROLES[1:]:
+      if getattr(self, key) == AUTO:
+        object.__setattr__(self, key, self.act_quant)
     if self.n_kv_heads is None:
       object.__setattr__(self, "n_kv_heads", self.n_heads)
     if self.d_ff == AUTO:
@@ -131,6 +166,16 @@ class ModelConfig:
                        f"got {self.weight_quant!r}")
     if self.act_bits is not None and (not isinstance(self.act_bits, int) or not 2 <= self.act_bits <= 8):
       raise ValueError(f"ModelConfig.act_bits must be None or an int from 2 to 8, got {self.act_bits!r}")
+    for name in ACT_ROLES:
+      if getattr(self, name) not in (None, *ACT_QUANTIZERS):
+        raise ValueError(f"ModelConfig.{name} must be None or one of {tuple(ACT_QUANTIZERS)}, "
+                         f"got {getattr(self, name)!r}")
+    if self.act_bits is not None and any(getattr(self, r) is not None for r in ACT_ROLES):
+      named = ", ".join(f"{r}={getattr(self, r)!r}" for r in ACT_ROLES if getattr(self, r) is not None)
+      raise ValueError(f"ModelConfig.act_bits={self.act_bits!r} and {named}: a named activation quantiser "
+                       f"replaces act_bits; set act_bits=None (or leave the names at None)")
+    if not isinstance(self.hadamard, bool):
+      raise ValueError(f"ModelConfig.hadamard must be True or False, got {self.hadamard!r}")
     for name in ("linear_norm", "block_norm"):
       if getattr(self, name) not in (None, *NORM_KINDS):
         raise ValueError(f"ModelConfig.{name} must be None or one of {NORM_KINDS}, got {getattr(self, name)!r}")
@@ -165,7 +210,12 @@ class ModelConfig:
 
   @property
   def quantized(self) -> bool:
-    return self.weight_quant != "none" or self.act_bits is not None
+    return self.weight_quant != "none" or self.act_bits is not None or self.named_act_quant
+
+  @property
+  def named_act_quant(self) -> bool:
+    """Whether any projection role uses a named activation quantiser (`act_quant`, ...)."""
+    return any(getattr(self, r) is not None for r in ACT_ROLES)
 
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)

@@ -247,17 +247,12 @@ def quantize_for_inference(model: nnx.Module, fmt: str = "2bit", dense_dtype=jnp
                      f"always use '1bit')")
   linear, kernels = {}, set()
   for path, node in nnx.iter_graph(model):
-    if isinstance(node, BitLinear) and node.weight_quant in ("ternary", "binary"):
-      to_codes = quant.ternary_codes if node.weight_quant == "ternary" else quant.binary_codes
-      if getattr(node, "weight_groups", None) is not None:   # a (G_in, G_out) block grid (tensor x FSDP groups)
-        codes, scale = to_codes(node.kernel[...], groups=tuple(node.weight_groups), exact=node.exact)
-      else:
-        codes, scale = to_codes(node.kernel[...], groups=node.groups, axis=0 if node.group_axis == "in" else -1,
-                                exact=node.exact)
-      layer_fmt = fmt if node.weight_quant == "ternary" else "1bit"
+    if isinstance(node, BitLinear) and node.weight_quant in ("ternary", "binary", "ternary_seq"):
+      codes, scale = node.weight_codes()   # ParetoQ SEQ: its learned scale per output channel, a (1, out) grid
+      layer_fmt = "1bit" if node.weight_quant == "binary" else fmt
       linear[_name(path)] = QuantizedLinear(pack(codes, layer_fmt, axis=-1), scale.astype(jnp.float32),
                                             node.weight_quant)
-      kernels.add(path + ("kernel",))
+      kernels.update({path + ("kernel",), path + ("weight_scale",)})
   dense = {_name(path): jnp.asarray(node[...]).astype(dense_dtype) for path, node in nnx.iter_graph(model)
            if isinstance(node, nnx.Param) and path not in kernels}
   return {"linear": linear, "dense": dense}

@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 
 from bitnet_jax import data, optim, sharding
-from bitnet_jax.layers import BitLinear, set_quant_mix
+from bitnet_jax.layers import ACT_QUANTIZERS, BitLinear, set_act_quant, set_quant_mix
 from bitnet_jax.model import ModelConfig, Transformer
 
 
@@ -34,6 +34,30 @@ def model_config_from(config: ml_collections.ConfigDict) -> ModelConfig:
 
 def _warmup_steps(config: ml_collections.ConfigDict) -> int:
   return config.train.get("quant_warmup_steps", 0)
+
+
+def act_stage2_step(config: ml_collections.ConfigDict) -> int:
+  """The last step of stage 1 of the two-stage recipe (`config.train.act_stage1_fraction` of the steps); 0 = off."""
+  fraction = config.train.get("act_stage1_fraction", 0.0)
+  return round(fraction * config.train.steps) if fraction else 0
+
+
+def set_activation_stage(model: Transformer, stage1: str | None) -> int:
+  """The papers' two-stage recipe (a4.8 and v2 section 3: 8-bit activations first, then the 4-bit hybrid, with
+  the optimiser state kept): with `stage1` (a name of `layers.ACT_QUANTIZERS`, "absmax8" in the papers) every
+  projection with a named activation quantiser uses it; with None each uses its role's quantiser from
+  `model.cfg` again (act_quant for q/k/v and gate/up, act_quant_attn_out for o_proj, act_quant_ffn_out for
+  down_proj). Returns how many layers were set. Weights and the Hadamard transforms are not touched."""
+  cfg, n = model.cfg, 0
+  for block in model.blocks:
+    roles = [(cfg.act_quant, l) for l in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj,
+                                          block.ffn.gate_proj, block.ffn.up_proj)]
+    roles += [(cfg.act_quant_attn_out, block.attn.o_proj), (cfg.act_quant_ffn_out, block.ffn.down_proj)]
+    for name, layer in roles:
+      if isinstance(layer, BitLinear) and name is not None:
+        set_act_quant(layer, stage1 or name)
+        n += 1
+  return n
 
 
 def setup_mesh(config: ml_collections.ConfigDict):
@@ -67,6 +91,15 @@ def _check_config(config: ml_collections.ConfigDict, model_cfg: ModelConfig, tok
   if warmup and model_cfg.weight_quant == "none":
     raise ValueError(f"config.train.quant_warmup_steps={warmup} needs a quantised variant; "
                      f"config.model.variant={model_cfg.variant!r} quantises nothing")
+  fraction = t.get("act_stage1_fraction", 0.0)
+  if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0.0 <= fraction < 1.0:
+    raise ValueError(f"config.train.act_stage1_fraction must be a number in [0, 1) (0 = off), got {fraction!r}")
+  if fraction and not model_cfg.named_act_quant:
+    raise ValueError(f"config.train.act_stage1_fraction={fraction} switches named activation quantisers, but "
+                     f"config.model.variant={model_cfg.variant!r} has none (a48, v2_a4 and v2_a8 do)")
+  if fraction and t.get("stage1_act_quant") not in ACT_QUANTIZERS:
+    raise ValueError(f"config.train.stage1_act_quant must be one of {tuple(ACT_QUANTIZERS)}, "
+                     f"got {t.get('stage1_act_quant')!r}")
   if model_cfg.vocab_size < tokenizer.vocab_size:
     raise ValueError(f"config.model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
                      f"{tokenizer.vocab_size} ids ({tokenizer.name}); set "

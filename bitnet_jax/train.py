@@ -51,8 +51,8 @@ from bitnet_jax.model import ModelConfig, Transformer, count_params
 from bitnet_jax.plan import dry_run, format_dry_run, lower_train_step  # noqa: F401
 from bitnet_jax.runs import read_metrics  # noqa: F401
 from bitnet_jax.step import (  # noqa: F401
-    _check_config, _model_and_optimizer, _warmup_steps, compiler_options, eval_step, loss_fn, lower_step,
-    model_config_from, setup_mesh, train_step, weight_memory)
+    _check_config, _model_and_optimizer, _warmup_steps, act_stage2_step, compiler_options, eval_step, loss_fn,
+    lower_step, model_config_from, set_activation_stage, setup_mesh, train_step, weight_memory)
 from bitnet_jax.weights import check_init_source, init_from, load_checkpoint, load_init_source  # noqa: F401
 
 
@@ -231,10 +231,15 @@ def _train(config, workdir: Path, mesh, rules, model_cfg: ModelConfig, tokenizer
     writer = (SummaryWriter(str(workdir / "tensorboard"), purge_step=start + 1 if start else None)
               if main_process else None)
     last = t.steps if stop_at_step is None else min(stop_at_step, t.steps)
+    stage2 = act_stage2_step(config)   # the two-stage recipe: stage-1 activations up to this step
+    if stage2 and start < stage2:
+      set_activation_stage(model, t.stage1_act_quant)
     try:
       with contextlib.closing(bar), (metrics_path.open("a") if main_process else contextlib.nullcontext()) as log, \
           (writer or contextlib.nullcontext()):
         for step in range(start + 1, last + 1):
+          if stage2 and step == stage2 + 1:
+            set_activation_stage(model, None)
           batch = sharding.shard_batch(next(train_it), batch_sharding)
           loss, grad_norm, lr = train_step(model, optimizer, batch, quant_warmup_steps=_warmup_steps(config))
           loss, grad_norm = float(loss), float(grad_norm)

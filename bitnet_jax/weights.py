@@ -15,6 +15,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from bitnet_jax import checkpoint
+from bitnet_jax.layers import BitLinear
+from bitnet_jax.quant_successors import seq_init_scale
 from bitnet_jax.model import Transformer
 from bitnet_jax.step import setup_mesh
 
@@ -56,8 +58,9 @@ def init_from(model: Transformer, source: Transformer) -> dict:
 
   Parameters are matched by path and must have equal shapes. From an FP model into a quantised variant the
   block norms' gains go to the per-layer input norms (`_NORM_FROM_FP`). A parameter of `model` with no source
-  is an error unless it is a norm gain (left at its init, 1); so is a source parameter that nothing reads.
-  Returns {"copied": n, "kept_init": [paths], "mapped": {target: source}}.
+  is an error unless it is a norm gain (left at its init, 1) or a learned weight scale (ParetoQ's `weight_scale`,
+  set to max|W| of each output channel of the copied kernel, the paper code's init from an FP model); so is a
+  source parameter that nothing reads. Returns {"copied": n, "kept_init": [paths], "mapped": {target: source}}.
   """
   target = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   source_state = dict(nnx.to_flat_state(nnx.state(source, nnx.Param)))
@@ -69,7 +72,8 @@ def init_from(model: Transformer, source: Transformer) -> dict:
       origin = path[:2] + (_NORM_FROM_FP[path[2:4]], "scale")
       mapped["/".join(map(str, path))] = "/".join(map(str, origin))
     if origin not in src:
-      (kept if path[-1] == "scale" and "norm" in path else missing).append("/".join(map(str, path)))
+      initialised = (path[-1] == "scale" and "norm" in path) or path[-1] == "weight_scale"
+      (kept if initialised else missing).append("/".join(map(str, path)))
       continue
     if tuple(src[origin].shape) != tuple(variable.shape):
       mismatched.append(f"{'/'.join(map(str, path))}: {tuple(src[origin].shape)} -> {tuple(variable.shape)}")
@@ -92,6 +96,10 @@ def init_from(model: Transformer, source: Transformer) -> dict:
     value = jnp.asarray(src[origin], variable[...].dtype)
     sharding_ = getattr(variable[...], "sharding", None)
     variable[...] = jax.device_put(value, sharding_) if sharding_ is not None else value
+  for path, layer in nnx.iter_graph(model):   # learned scales the source lacks start from the copied kernels
+    if isinstance(layer, BitLinear) and layer.weight_scale is not None and "/".join(
+        map(str, path + ("weight_scale",))) in kept:
+      layer.weight_scale[...] = jnp.asarray(seq_init_scale(layer.kernel[...]), layer.weight_scale[...].dtype)
   return {"copied": len(origins), "kept_init": kept, "mapped": mapped}
 
 

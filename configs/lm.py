@@ -8,6 +8,10 @@ Launch:
 Variants (`:NAME`), decoded by `VARIANTS` below:
   * `{b158,fp,bitnet}-tiny`   ~0.3M parameters, a step in well under a second on a CPU: tests and smoke runs.
   * `{b158,fp,bitnet}-small`  the quickstart's size (`make train` trains b158-small and fp-small side by side).
+  * `{a48,v2-a8,v2-a4,b158-seq}-{tiny,small}`  the successors (model variants a48, v2_a8, v2_a4, b158_seq:
+    `bitnet_jax.model_config`) at the same sizes, with b1.58's two-stage recipe and its small-size learning rate,
+    as a4.8 (Table 7) and v2 (Table 9) train with b1.58's recipe. ParetoQ fine-tunes pretrained models (lr 2e-5,
+    no weight decay); `b158-seq` here trains from scratch like b158 so that only the quantiser differs.
   * a model preset name from `bitnet_jax.model.PRESETS` (`bitnet-125m` ... `bitnet-30b`, `b158-700m` ...
     `b158-3.9b`, `llama-700m` ... `llama-3b`, `b158-2b4t`) with the paper's recipe for that size
     (BitNet Table 5-6, b1.58 FAQ Table 2).
@@ -34,10 +38,24 @@ _TRAIN = {
     "small": dict(steps=400, batch_size=16, seq_len=128, eval_every=100, checkpoint_every=100),
     "paper": dict(steps=40000, batch_size=256, seq_len=2048, eval_every=1000, checkpoint_every=1000),
 }
-_RECIPE = {"b158": "b158", "bitnet": "bitnet", "fp": "llama", "fp_bitnet": "bitnet"}
+_RECIPE = {"b158": "b158", "bitnet": "bitnet", "fp": "llama", "fp_bitnet": "bitnet", "a48": "b158", "v2_a8": "b158",
+           "v2_a4": "b158", "b158_seq": "b158"}
+_TWO_STAGE = ("a48", "v2_a4")   # trained 95% with 8-bit activations first (a4.8 and v2 section 3)
+# config name prefix -> model variant
+_KINDS = {"b158": "b158", "fp": "fp", "bitnet": "bitnet", "a48": "a48", "v2-a8": "v2_a8", "v2-a4": "v2_a4",
+          "b158-seq": "b158_seq"}
 # The byte-level corpus is tiny next to the papers'; our small models use the learning rate of the papers'
 # smallest size for their recipe, except where a size-matched value exists.
 _SMALL_LR = {"b158": (1.5e-3, 1e-3), "bitnet": 2.4e-3, "llama": 2.5e-4}
+
+
+def config_name(model_variant: str, size: str) -> str:
+  """The config name of a model variant at a small size: config_name("v2_a4", "small") == "v2-a4-small"."""
+  kinds = {v: k for k, v in _KINDS.items()}
+  if model_variant not in kinds or size not in _SMALL_SIZES:
+    raise ValueError(f"config_name: no config for variant {model_variant!r} at size {size!r}; variants "
+                     f"{tuple(kinds)}, sizes {tuple(_SMALL_SIZES)}")
+  return f"{kinds[model_variant]}-{size}"
 
 
 def _decode(variant: str) -> tuple[ModelConfig, ml_collections.ConfigDict, dict]:
@@ -51,11 +69,11 @@ def _decode(variant: str) -> tuple[ModelConfig, ml_collections.ConfigDict, dict]
     except ValueError:   # e.g. b158-2b4t: no paper LR for this size in the recipe's table
       opt = optim.default_optim_config(recipe)
     return cfg, opt, _TRAIN["paper"]
-  kind, _, size = variant.partition("-")
-  model_variant = {"b158": "b158", "fp": "fp", "bitnet": "bitnet"}.get(kind)
+  kind, _, size = variant.rpartition("-")
+  model_variant = _KINDS.get(kind)
   if model_variant is None or size not in _SMALL_SIZES:
     raise ValueError(f"unknown config variant {variant!r}; valid: "
-                     f"{', '.join(f'{k}-{s}' for s in _SMALL_SIZES for k in ('b158', 'fp', 'bitnet'))}, "
+                     f"{', '.join(f'{k}-{s}' for s in _SMALL_SIZES for k in _KINDS)}, "
                      f"or a model preset: {', '.join(PRESETS)}")
   cfg = ModelConfig(variant=model_variant, vocab_size=_VOCAB, **_SMALL_SIZES[size])
   recipe = _RECIPE[model_variant]
@@ -112,6 +130,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Start a fresh run from other weights: "hf:DIR" (a transformers BitNet / LLaMA checkpoint) or "run:WORKDIR"
   # (one of our runs); an FP model converts into b158 (`train.init_from`). "" = random init. Resuming ignores it.
   config.train.init_from = ""
+  # The two-stage recipe of a4.8 and v2-a4 (their section 3: 95B tokens with 8-bit activations, then 5B with the
+  # 4-bit hybrid, optimiser state kept): every named activation quantiser is `stage1_act_quant` for the first
+  # round(fraction x steps) steps, the variant's own after; 0.0 = off (the variant's quantisers from the start).
+  config.train.act_stage1_fraction = 0.95 if model_cfg.variant in _TWO_STAGE else 0.0
+  config.train.stage1_act_quant = "absmax8"
 
   if arg.smoke:   # same code path, tiny sizes
     config.train.steps = 20

@@ -65,7 +65,7 @@ def law(n: np.ndarray, a: float, b: float, c: float) -> np.ndarray:
 def run_config(variant: str, size: tuple[int, int, int], tokens: int, seed: int, smoke: bool):
   """The training config of one run: the variant's `-small` recipe with this size and the sweep's budget."""
   d_model, n_layers, n_heads = size
-  config = lm.get_config(f"{variant}-small")
+  config = lm.get_config(lm.config_name(variant, "small"))   # any model variant (experiments/variants.py)
   config.name = f"{variant}-d{d_model}-l{n_layers}"
   config.model.d_model, config.model.n_layers = d_model, n_layers
   config.model.n_heads = config.model.n_kv_heads = n_heads

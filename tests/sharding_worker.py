@@ -51,8 +51,11 @@ def _tiny_config(steps: int = 4):
 
 def collectives() -> dict:
   out = {}
+  # The successors (a4.8's top-K and absmean, v2's Hadamard, ParetoQ's learned scales) under tensor parallelism.
+  successors = (("a48", "a48", True), ("v2_a4", "v2-a4", True), ("b158_seq", "b158-seq", True))
   for mesh_name, sizes in (("tp", dict(data=2, tensor=4)), ("fsdp", dict(data=2, fsdp=4))):
-    for label, variant, per_shard in (("fp", "fp", True), ("b158", "b158", True), ("b158_global", "b158", False)):
+    for label, variant, per_shard in (("fp", "fp", True), ("b158", "b158", True), ("b158_global", "b158", False),
+                                      *(successors if mesh_name == "tp" else ())):
       config = _tiny_config()
       config.model = lm.get_config(f"{variant}-tiny").model
       config.model.vocab_size = 264

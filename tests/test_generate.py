@@ -53,7 +53,8 @@ def _decode(model, tokens, cache):
 
 
 # ---------------------------------------------------------------- cached decoding == the full forward
-@pytest.mark.parametrize("variant, scan", [("fp", False), ("b158", False), ("bitnet", False), ("b158", True)])
+@pytest.mark.parametrize("variant, scan", [("fp", False), ("b158", False), ("bitnet", False), ("b158", True),
+                                           ("a48", False), ("v2_a4", False), ("v2_a8", True), ("b158_seq", False)])
 def test_cached_greedy_tokens_are_the_full_forward_argmax(variant, scan):
   model = _model(variant, scan_layers=scan)   # scan: decoded in the stacked form (one lax.scan over the layers)
   out = np.asarray(generate.generate(model, _prompt(), N, kv_dtype="float32"))

@@ -148,6 +148,15 @@ def test_b158_adds_no_collective_to_the_fp_step_under_tensor_parallelism(collect
   assert glob["counts"]["all-reduce"] > fp["counts"]["all-reduce"], glob["counts"]
 
 
+@pytest.mark.parametrize("variant", ["a48", "v2_a4", "b158_seq"])
+def test_the_successors_add_no_collective_under_tensor_parallelism(collectives, variant):
+  """a4.8's per-token top-K and absmean, v2's Hadamard (block-diagonal within a shard) and ParetoQ's per-channel
+  learned scales all work on each device's shard alone: the step has exactly the FP step's collectives."""
+  got, fp = collectives[f"tp/{variant}"], collectives["tp/fp"]
+  assert got["groups"] == [4, 1]
+  assert got["counts"] == fp["counts"], (variant, got["counts"], fp["counts"])
+
+
 def test_fsdp_all_gathers_int8_codes_instead_of_float32_latent_weights(collectives):
   fp, b158 = collectives["fsdp/fp"], collectives["fsdp/b158"]
   n = b158["bitlinear_elements"]

@@ -80,6 +80,9 @@ def _layout(cfg: ModelConfig) -> str:
       raise ValueError(f"gguf.export: ModelConfig.{field}={getattr(cfg, field)!r}, but llama.cpp's {ARCH!r} "
                        f"architecture needs {what}")
   need("weight_quant", cfg.weight_quant == "ternary", "'ternary' (a b158 model)")
+  for field in ("act_quant", "act_quant_attn_out", "act_quant_ffn_out"):
+    need(field, getattr(cfg, field, None) is None, "None (per-token absmax INT8 activations, act_bits=8)")
+  need("hadamard", not getattr(cfg, "hadamard", False), "False (no Hadamard before its activation quantiser)")
   need("act_bits", cfg.act_bits == 8, "8")
   need("act_per_token", cfg.act_per_token is True, "True")
   need("bitnet_asymmetric_ffn", not cfg.bitnet_asymmetric_ffn, "False")

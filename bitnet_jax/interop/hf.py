@@ -215,11 +215,16 @@ def _require(cfg: ModelConfig, field: str, ok: bool, need: str, layout: str) -> 
 
 def _layout_of(cfg: ModelConfig) -> str:
   """"bitnet" or "llama": the transformers model type `cfg` can be written as (ValueError naming the field if none)."""
-  if cfg.weight_quant == "none" and cfg.act_bits is None:
+  named = [f for f in ("act_quant", "act_quant_attn_out", "act_quant_ffn_out") if getattr(cfg, f, None) is not None]
+  if cfg.weight_quant == "none" and cfg.act_bits is None and not named:
     layout, need_sub = "llama", False
   else:
     layout, need_sub = "bitnet", True
     _require(cfg, "weight_quant", cfg.weight_quant == "ternary", "'ternary'", layout)
+    for field in named:
+      _require(cfg, field, False, "None (per-token absmax INT8 activations, act_bits=8)", layout)
+  _require(cfg, "hadamard", not getattr(cfg, "hadamard", False), "False (no Hadamard transform)", layout)
+  if layout == "bitnet":
     _require(cfg, "act_bits", cfg.act_bits == 8, "8", layout)
     _require(cfg, "act_per_token", cfg.act_per_token is True, "True (per-token absmax)", layout)
     _require(cfg, "bitnet_asymmetric_ffn", not cfg.bitnet_asymmetric_ffn, "False", layout)
