@@ -148,7 +148,23 @@ def measure(run: dict, eval_batches: int) -> dict:
   losses = np.concatenate([np.asarray(_sequence_losses(model, jnp.asarray(b))) for b in batches])
   return {"eval_loss": float(losses.mean()), "eval_loss_se": float(losses.std(ddof=1) / math.sqrt(len(losses))),
           "eval_sequences": int(len(losses)), "eval_tokens": int(len(losses) * config.train.seq_len),
+          "sequence_losses": [round(float(x), 6) for x in losses],
           "activations": _activation_stats(model, batches[:2])}
+
+
+def paired_differences(rows: dict) -> None:
+  """Adds each variant's loss minus b158's and minus fp's, with the standard error of the difference over the
+  same validation sequences (paired: the sequences' own spread in difficulty, most of a single loss's standard
+  error, cancels), in place."""
+  for ref in ("b158", "fp"):
+    base = rows.get(ref, {}).get("sequence_losses")
+    for row in rows.values():
+      mine = row.get("sequence_losses")
+      if base is None or mine is None:
+        continue
+      d = np.asarray(mine) - np.asarray(base)
+      row[f"minus_{ref}"] = float(d.mean())
+      row[f"minus_{ref}_se"] = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
 
 
 def step_times(size, variants, tokens: int, seed: int, smoke: bool, steps: int) -> dict:
@@ -175,33 +191,42 @@ def step_times(size, variants, tokens: int, seed: int, smoke: bool, steps: int) 
 # Report.
 # --------------------------------------------------------------------------------------------------------------
 def plot(runs: list[dict], best: dict, out: Path) -> None:
+  """Per size: each variant's final eval loss against the peak learning rate (the runs' own evaluation), and its
+  best run's loss minus b158's on the report's validation sequences, with +-2 paired standard errors."""
   sizes = sorted({r["size"] for r in runs})
-  fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
-  for ax, size in zip(axes[0], sizes):
+  fig, axes = plt.subplots(len(sizes), 2, figsize=(12, 4.5 * len(sizes)), squeeze=False)
+  for (ax, bars), size in zip(axes, sizes):
     for variant in dict.fromkeys(r["variant"] for r in runs):
       rows = sorted((r for r in runs if r["size"] == size and r["variant"] == variant and not r["diverged"]),
                     key=lambda r: r["lr"])
       if rows:
         ax.plot([r["lr"] for r in rows], [r["eval_loss"] for r in rows], "o-", color=COLORS.get(variant),
                 label=LABELS.get(variant, variant))
-      b = best.get(size, {}).get(variant)
-      if b and b.get("eval_loss_se") is not None:
-        ax.errorbar([b["lr"]], [b["eval_loss"]], yerr=[2 * b["eval_loss_se"]], color=COLORS.get(variant),
-                    marker="*", markersize=12, capsize=3)
     ax.set_xscale("log")
     ax.set_xlabel("peak learning rate")
     ax.set_ylabel("final eval loss (nats / byte)")
-    ax.set_title(f"size {size}: each variant's learning-rate curve (star: its best, +-2 s.e.)")
+    ax.set_title(f"size {size}: eval loss against the learning rate")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    rows = [(v, b) for v, b in best.get(size, {}).items() if b.get("minus_b158") is not None]
+    if rows:
+      x = np.arange(len(rows))
+      bars.bar(x, [b["minus_b158"] for _, b in rows], yerr=[2 * b["minus_b158_se"] for _, b in rows],
+               color=[COLORS.get(v) for v, _ in rows], capsize=4)
+      bars.set_xticks(x, [v for v, _ in rows])
+      bars.axhline(0, color="black", lw=0.8)
+      bars.set_ylabel("loss minus b158's (nats / byte)")
+      bars.set_title(f"size {size}: each variant at its best learning rate (+-2 paired s.e.)")
+      bars.grid(alpha=0.3, axis="y")
   fig.tight_layout()
-  fig.savefig(out, dpi=120)
+  fig.savefig(out, dpi=110)
   plt.close(fig)
 
 
 def markdown(best: dict, times: dict) -> str:
-  lines = ["| size | variant | best lr | eval loss (+- s.e.) | vs b158 | o_proj in: kurtosis / max-mean (Hadamard) "
-           "| down_proj in: kurtosis / max-mean (Hadamard) | step ms (x b158) |", "|---" * 8 + "|"]
+  lines = ["| size | variant | best lr | eval loss (+- s.e.) | minus b158 (+- paired s.e.) | o_proj in: kurtosis / "
+           "max-mean (after Hadamard) | down_proj in: kurtosis / max-mean (after Hadamard) | step ms (x b158) |",
+           "|---" * 8 + "|"]
   for size, rows in best.items():
     ref = rows.get("b158", {}).get("eval_loss")
     for v, b in rows.items():
@@ -216,7 +241,8 @@ def markdown(best: dict, times: dict) -> str:
       speed = f"{1e3 * t:.0f} ({t / t_ref:.2f}x)" if t and t_ref else ""
       edge = " (edge)" if b.get("at_edge") else ""
       lines.append(f"| {size} | {v} | {b['lr']:.3g}{edge} | {b['eval_loss']:.4f} +- {b['eval_loss_se']:.4f} | "
-                   f"{b['eval_loss'] - ref:+.4f} | {cell('o_proj')} | {cell('down_proj')} | {speed} |"
+                   f"{b.get('minus_b158', b['eval_loss'] - ref):+.4f} +- {b.get('minus_b158_se', float('nan')):.4f} | "
+                   f"{cell('o_proj')} | {cell('down_proj')} | {speed} |"
                    if ref is not None else f"| {size} | {v} | {b['lr']:.3g}{edge} | {b['eval_loss']:.4f} | | | | |")
   return "\n".join(lines)
 
@@ -273,6 +299,7 @@ def main(argv=None) -> dict:
         run = next(r for r in size_runs if r["variant"] == v and r["lr"] == opt["lr"])
         row |= measure(run, eval_batches)
       best[size_name][v] = row
+    paired_differences(best[size_name])
     done = [v for v in args.variants if any(r["variant"] == v for r in size_runs)]
     times[size_name] = step_times(size, done, tokens, args.seed, args.smoke, 2 if args.smoke else args.time_steps)
   result = {"runs": runs, "best": best, "step_seconds": times, "tokens_per_run": tokens, "smoke": args.smoke,
