@@ -240,6 +240,21 @@ def _faq_table1(prefix: str, variant: str, sizes) -> dict[str, dict]:
                                 n_layers=rows[k][3], vocab_size=32000, max_seq_len=2048) for k in sizes}
 
 
+def _successor_tables() -> dict[str, dict]:
+  """a4.8 Table 6 (hidden, GLU, heads, layers; 700M-3B as FAQ Table 1, plus 7B) and v2 Table 8 (400M-7B), each
+  for its variants; seq 2048. Neither paper names its vocabulary: LLaMA's 32K, as b1.58's presets, is our choice."""
+  a48 = {"700m": (1536, 4096, 24, 24), "1.3b": (2048, 5460, 32, 24), "3b": (3200, 8640, 32, 26),
+         "7b": (4096, 11008, 32, 32)}
+  v2 = {"400m": (1024, 4096, 16, 24), "1.3b": (2048, 8192, 32, 18), "3b": (4096, 8192, 32, 20),
+        "7b": (4096, 16384, 32, 24)}
+  out = {}
+  for prefix, variant, rows in (("a48", "a48", a48), ("v2-a8", "v2_a8", v2), ("v2-a4", "v2_a4", v2)):
+    for size, (d, f, h, n) in rows.items():
+      out[f"{prefix}-{size}"] = dict(variant=variant, d_model=d, d_ff=f, n_heads=h, n_layers=n, vocab_size=32000,
+                                     max_seq_len=2048)
+  return out
+
+
 PRESETS: dict[str, dict] = {
     **_bitnet_table5(),
     **_faq_table1("b158", "b158", ("700m", "1.3b", "3b", "3.9b")),
@@ -248,12 +263,14 @@ PRESETS: dict[str, dict] = {
     "b158-2b4t": dict(variant="b158", d_model=2560, d_ff=6912, n_layers=30, n_heads=20, n_kv_heads=5,
                       vocab_size=128256, max_seq_len=4096, rope_theta=500000.0, ffn="relu2_glu",
                       linear_norm=None, block_norm="rms", sub_norms=True, tie_embeddings=True),
+    **_successor_tables(),
 }
 
 
 def preset(name: str, **overrides) -> ModelConfig:
   """The ModelConfig of a paper's model by name (`bitnet-125m` ... `bitnet-30b`, `b158-700m` ... `b158-3.9b`,
-  `llama-700m` ... `llama-3b`, `b158-2b4t`), with optional field overrides."""
+  `llama-700m` ... `llama-3b`, `b158-2b4t`, `a48-700m` ... `a48-7b`, `v2-a8-400m` ... `v2-a4-7b`), with optional
+  field overrides."""
   if name not in PRESETS:
     raise ValueError(f"unknown model preset {name!r}; valid names: {', '.join(PRESETS)}")
   return ModelConfig(**{**PRESETS[name], **overrides})

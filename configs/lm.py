@@ -13,8 +13,8 @@ Variants (`:NAME`), decoded by `VARIANTS` below:
     as a4.8 (Table 7) and v2 (Table 9) train with b1.58's recipe. ParetoQ fine-tunes pretrained models (lr 2e-5,
     no weight decay); `b158-seq` here trains from scratch like b158 so that only the quantiser differs.
   * a model preset name from `bitnet_jax.model.PRESETS` (`bitnet-125m` ... `bitnet-30b`, `b158-700m` ...
-    `b158-3.9b`, `llama-700m` ... `llama-3b`, `b158-2b4t`) with the paper's recipe for that size
-    (BitNet Table 5-6, b1.58 FAQ Table 2).
+    `b158-3.9b`, `llama-700m` ... `llama-3b`, `b158-2b4t`, `a48-700m` ... `a48-7b`, `v2-a8-400m` ... `v2-a4-7b`)
+    with the paper's recipe for that size (BitNet Table 5-6, b1.58 FAQ Table 2, a4.8 Table 7, v2 Table 9).
 Options after the name: `steps=`, `batch=`, `seq_len=`, `smoke` (a 20-step run of the same code path).
 Pick the variant by name rather than `--config.model.variant`, which does not re-derive the variant's defaults.
 """
@@ -40,6 +40,12 @@ _TRAIN = {
 }
 _RECIPE = {"b158": "b158", "bitnet": "bitnet", "fp": "llama", "fp_bitnet": "bitnet", "a48": "b158", "v2_a8": "b158",
            "v2_a4": "b158", "b158_seq": "b158"}
+# The successors' two-stage peaks (stage 1, stage 2) per size: a4.8 Table 7, v2 Table 9 (v2-a8 and v2-a4 alike).
+_SUCCESSOR_LR = {
+    "a48-700m": (1.5e-3, 1e-3), "a48-1.3b": (1.2e-3, 8e-4), "a48-3b": (1.2e-3, 6.4e-4), "a48-7b": (1e-3, 6e-4),
+    **{f"v2-{a}-{size}": lr for a in ("a8", "a4") for size, lr in
+       {"400m": (1.8e-3, 1.2e-3), "1.3b": (1.2e-3, 8e-4), "3b": (1.2e-3, 6.4e-4), "7b": (1e-3, 6e-4)}.items()},
+}
 _TWO_STAGE = ("a48", "v2_a4")   # trained 95% with 8-bit activations first (a4.8 and v2 section 3)
 # config name prefix -> model variant
 _KINDS = {"b158": "b158", "fp": "fp", "bitnet": "bitnet", "a48": "a48", "v2-a8": "v2_a8", "v2-a4": "v2_a4",
@@ -63,11 +69,13 @@ def _decode(variant: str) -> tuple[ModelConfig, ml_collections.ConfigDict, dict]
   if variant in PRESETS:
     cfg = preset(variant)
     recipe = _RECIPE[cfg.variant]
-    size = variant.split("-", 1)[1]
+    size = variant.rsplit("-", 1)[1]
     try:
       opt = optim.default_optim_config(recipe, size)
     except ValueError:   # e.g. b158-2b4t: no paper LR for this size in the recipe's table
       opt = optim.default_optim_config(recipe)
+    if variant in _SUCCESSOR_LR:   # their own tables of b1.58's two-stage peaks
+      opt.lr, opt.lr2 = _SUCCESSOR_LR[variant]
     return cfg, opt, _TRAIN["paper"]
   kind, _, size = variant.rpartition("-")
   model_variant = _KINDS.get(kind)

@@ -362,3 +362,17 @@ def test_two_stage_options_are_checked():
     cfg = ModelConfig(**c.model.to_dict())
     with pytest.raises(ValueError, match=match):
       _check_config(c, cfg, data.ByteTokenizer(), 1)
+
+
+@pytest.mark.parametrize("name, dims, lrs", [
+    ("a48-7b", (4096, 11008, 32, 32), (1e-3, 6e-4)),          # a4.8 Tables 6-7
+    ("a48-3b", (3200, 8640, 32, 26), (1.2e-3, 6.4e-4)),
+    ("v2-a4-400m", (1024, 4096, 16, 24), (1.8e-3, 1.2e-3)),   # v2 Tables 8-9
+    ("v2-a8-1.3b", (2048, 8192, 32, 18), (1.2e-3, 8e-4)),
+])
+def test_the_papers_presets_and_their_two_stage_learning_rates(name, dims, lrs):
+  config = lm.get_config(name)
+  m = config.model
+  assert (m.d_model, m.d_ff, m.n_heads, m.n_layers) == dims
+  assert (config.optim.recipe, config.optim.lr, config.optim.lr2) == ("b158", *lrs)
+  assert config.train.act_stage1_fraction == (0.0 if m.variant == "v2_a8" else 0.95)
