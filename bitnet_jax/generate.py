@@ -39,8 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bitnet_jax import hadamard, kernels, kv_cache, packing, quant
-from bitnet_jax.layers import ACT_QUANTIZERS, LEARNED_SCALE, WEIGHT_CODES, BitLinear
+from bitnet_jax import kernels, kv_cache, packing
+from bitnet_jax.layers import LEARNED_SCALE, WEIGHT_CODES, BitLinear, input_codes, transform_input
 from bitnet_jax.model import STACK_INDEXED, Transformer
 
 if TYPE_CHECKING:
@@ -99,13 +99,9 @@ class PackedLinear(nnx.Module):
     x = x.astype(self.dtype)
     if self.norm is not None:
       x = self.norm.apply_gain(self.norm.normalize(x) if normalized is None else normalized, self.dtype)
-    if self.input_transform == "hadamard":
-      x = hadamard.hadamard_transform(x, groups=self.act_groups)
-    if self.act_quant is not None:
-      x_codes, x_scale = ACT_QUANTIZERS[self.act_quant].codes(x, groups=self.act_groups, exact=self.exact)
-    else:
-      x_codes, x_scale = quant.activation_codes(x, self.act_bits, per_token=True, groups=self.act_groups,
-                                                exact=self.exact)
+    x = transform_input(x, self.input_transform, self.act_groups)
+    x_codes, x_scale = input_codes(x, act_quant=self.act_quant, act_bits=self.act_bits, per_token=True,
+                                   groups=self.act_groups, exact=self.exact)
     layer = None if self.layer is None else self.layer[...]   # stacked: codes and scales are the whole stack
     y = kernels.matmul(x_codes, self.packed[...], self.scale[...], n_out=self.n_out, x_scale=x_scale, layer=layer)
     return y.astype(self.dtype)

@@ -68,6 +68,19 @@ ACT_QUANTIZERS: dict[str, ActQuant] = {
 INPUT_TRANSFORMS = ("hadamard",)   # applied after the layer's norm, before activation quantisation (v2 eq. 7)
 
 
+def transform_input(x: jax.Array, transform: str | None, groups: int) -> jax.Array:
+  """The layer's input transform (None, or "hadamard": v2's H-BitLinear), within each of `groups` groups."""
+  return hadamard.hadamard_transform(x, groups=groups) if transform == "hadamard" else x
+
+
+def input_codes(x: jax.Array, *, act_quant: str | None, act_bits: int, per_token: bool, groups: int,
+                exact: bool) -> tuple[jax.Array, jax.Array]:
+  """(int8 codes, float32 scale) of a prepared input: the named quantiser's code form, else symmetric absmax."""
+  if act_quant is not None:
+    return ACT_QUANTIZERS[act_quant].codes(x, groups=groups, exact=exact)
+  return quant.activation_codes(x, act_bits, per_token=per_token, groups=groups, exact=exact)
+
+
 def make_param(value: jax.Array, axes: Sequence[str | None]) -> nnx.Param:
   """A float parameter annotated with logical axis names; sharded eagerly only inside a mesh context."""
   in_mesh = not jax.sharding.get_abstract_mesh().empty
@@ -250,8 +263,7 @@ class BitLinear(nnx.Module):
     x = x.astype(self.dtype)
     if self.norm is not None:
       x = self.norm.apply_gain(self.norm.normalize(x) if normalized is None else normalized, self.dtype)
-    if self.input_transform == "hadamard":
-      x = hadamard.hadamard_transform(x, groups=self.act_groups)
+    x = transform_input(x, self.input_transform, self.act_groups)
     if self.act_bits is None or self.integer:
       return x
     if self.act_quant is not None:
@@ -288,10 +300,8 @@ class BitLinear(nnx.Module):
 
   def activation_codes(self, x: jax.Array, act_groups: int | None = None) -> tuple[jax.Array, jax.Array]:
     """(int8 codes, float32 scale) of the prepared (normed, transformed) input x, by this layer's quantiser."""
-    groups = self.act_groups if act_groups is None else act_groups
-    if self.act_quant is not None:
-      return ACT_QUANTIZERS[self.act_quant].codes(x, groups=groups, exact=self.exact)
-    return quant.activation_codes(x, self.act_bits, per_token=self.act_per_token, groups=groups, exact=self.exact)
+    return input_codes(x, act_quant=self.act_quant, act_bits=self.act_bits, per_token=self.act_per_token,
+                       groups=self.act_groups if act_groups is None else act_groups, exact=self.exact)
 
   def weight_codes(self) -> tuple[jax.Array, jax.Array]:
     """(int8 codes shaped like the kernel, float32 (G_in, G_out) scale grid): the quantised kernel's integer form."""
