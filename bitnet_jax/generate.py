@@ -1,7 +1,7 @@
 """generate: sampling from a trained model with a KV cache (model -> sharding -> train -> generate).
 
     python -m bitnet_jax.generate --workdir=runs/quickstart/b158-small --prompt="def " [--max_new_tokens=80]
-        [--temperature=0.8 --top_k=40 --top_p=0.95 --seed=0 --kv_cache=bfloat16|float32|int8|int4]
+        [--temperature=0.8 --top_k=40 --top_p=0.95 --seed=0 --kv_cache=bfloat16|float32|int8|int4|int3]
 
 `generate(model, prompt, n, ...)` is one jitted program: a prefill (`Transformer.decode` on the whole prompt)
 writes the prompt's K/V into a `kv_cache.KVCache` and gives the first new token, then a `lax.fori_loop` runs
@@ -267,7 +267,7 @@ def generate(model: Transformer, prompt_tokens, max_new_tokens: int, *, temperat
     top_k: sample among the k most likely tokens only (None: all).
     top_p: sample among the most likely tokens whose probability reaches top_p, in (0, 1] (None: all).
     seed: the sampling key's seed; the same seed gives the same tokens.
-    kv_dtype: the KV cache's storage: "bfloat16" (default), "float32", "int8" or "int4" (`kv_cache`).
+    kv_dtype: the KV cache's storage: "bfloat16" (default), "float32", "int8", "int4" or "int3" (`kv_cache`).
 
   Raises:
     ValueError: an empty or out-of-vocabulary prompt, a sequence longer than max_seq_len, a bad temperature,

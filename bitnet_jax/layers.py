@@ -183,8 +183,8 @@ class BitLinear(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, *, weight_quant: str = "ternary",
                act_bits: int | None = 8, act_per_token: bool = True, act_asymmetric: bool = False,
-               act_quant: str | None = None, input_transform: str | None = None, groups: int = 1, group_axis: str = "out", fsdp_groups: int = 1, norm: str | None = None,
-               norm_eps: float = 1e-5,
+               act_quant: str | None = None, input_transform: str | None = None, groups: int = 1,
+               group_axis: str = "out", fsdp_groups: int = 1, norm: str | None = None, norm_eps: float = 1e-5,
                norm_scale: bool = True, dtype=jnp.float32, param_dtype=jnp.float32, init_std: float = 0.02,
                axes: Sequence[str | None] = ("embed", "mlp"), quant_mix: bool = False, exact: bool = False,
                rngs: nnx.Rngs):

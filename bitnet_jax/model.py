@@ -335,7 +335,7 @@ class Transformer(nnx.Module):
 
   def init_cache(self, batch: int, max_len: int | None = None, kind: str = "bfloat16") -> KVCache:
     """An empty KV cache for `batch` sequences of up to `max_len` (default max_seq_len) positions; `kind` is
-    float32 | bfloat16 | int8 | int4 (`kv_cache.KV_KINDS`)."""
+    float32 | bfloat16 | int8 | int4 | int3 (`kv_cache.KV_KINDS`)."""
     cfg = self.cfg
     max_len = cfg.max_seq_len if max_len is None else max_len
     if not isinstance(max_len, int) or not 1 <= max_len <= cfg.max_seq_len:

@@ -117,8 +117,9 @@ class ModelConfig:
   param_dtype: str = "float32"         # latent weights (always float32 in the papers' recipes)
   remat: str = "none"                  # none | dots | full: rematerialise each block in the backward pass
   scan_layers: bool = False            # run the blocks as one lax.scan (compile time independent of depth)
-  # Round K and V in the full forward as a KV cache of this kind stores them (none | bfloat16 | int8 | int4;
-  # `kv_cache.fake_quant`): the teacher-forced loss of decoding with a quantised cache. "none" changes nothing.
+  # Round K and V in the full forward as a KV cache of this kind stores them (none | bfloat16 | int8 | int4 |
+  # int3, the last a4.8's, position 0 at 4 bits; `kv_cache.fake_quant`): the teacher-forced loss of decoding with
+  # a quantised cache. "none" changes nothing.
   kv_quant: str = "none"
   # Give every quantised BitLinear a warm-up weight lambda (`layers.QuantMix`) that the trainer ramps from 0 to 1
   # (`config.train.quant_warmup_steps`): fine-tuning an FP checkpoint into b1.58 without a cliff at step 0.

@@ -1,15 +1,16 @@
-"""experiments/kv_cache: eval loss of a trained run with a quantised KV cache (none, bfloat16, int8, int4).
+"""experiments/kv_cache: eval loss of a trained run with a quantised KV cache (none, bfloat16, int8, int4, int3).
 
     .venv/bin/python experiments/kv_cache.py [--workdir runs/quickstart/b158-small] [--eval-batches 32]
     .venv/bin/python experiments/kv_cache.py --smoke     # trains b158-tiny,smoke first (~20 s), then the same
 
 The FAQ of "The Era of 1-bit LLMs: Training Tips, Code and FAQ" (PAPERS.md section 2) states that a 4-bit KV
-cache is lossless for b1.58 models. This measures it on our own run, teacher-forced: the run's latest checkpoint
-is restored with `ModelConfig.kv_quant` set to each kind, which rounds K and V in the full forward exactly as a
-`kv_cache.KVCache` of that kind stores them (per token per head absmax, see `bitnet_jax/kv_cache.py`; cached
-decoding with kind X computes the full forward with kv_quant=X, tested in tests/test_generate.py), and the loss
-is taken on the run's validation windows (`data.eval_batches` over its corpus, batch size and sequence length,
-as training evaluates, with `--eval-batches` batches). The change against "none" is reported with the standard
+cache is lossless for b1.58 models; BitNet a4.8 (arXiv 2411.04965) runs a 3-bit one with position 0 at 4 bits.
+This measures it on our own run, teacher-forced: the run's latest checkpoint is restored with
+`ModelConfig.kv_quant` set to each kind, which rounds K and V in the full forward exactly as a `kv_cache.KVCache`
+of that kind stores them (per token per head absmax, see `bitnet_jax/kv_cache.py`; cached decoding with kind X
+computes the full forward with kv_quant=X, tested in tests/test_generate.py), and the loss is taken on the run's
+validation windows (`data.eval_batches` over its corpus, batch size and sequence length, as training evaluates,
+with `--eval-batches` batches). The change against "none" is reported with the standard
 error of its per-batch paired differences. Writes `experiments/results/kv_cache.json` (default `--out`) and
 prints a Markdown table.
 """
@@ -34,13 +35,14 @@ import numpy as np  # noqa: E402
 from bitnet_jax import cli, data, train  # noqa: E402
 from bitnet_jax.kv_cache import KV_QUANT  # noqa: E402
 
-BITS = {"bfloat16": 16, "int8": 8, "int4": 4}   # bits per cached K/V value; "none": the compute dtype's
+BITS = {"bfloat16": 16, "int8": 8, "int4": 4, "int3": 3}   # bits per cached K/V value; "none": the compute dtype's
 
 
 def cache_bytes_per_token(model_cfg, kind: str, bits: int) -> float:
-  """K and V bytes per token over all layers for a cache of `kind` (int kinds: + a float32 scale per head)."""
+  """K and V bytes per token over all layers for a cache of `kind` (int kinds: + a float32 scale per head; int3's
+  4-bit copy of position 0 is a fixed cost per sequence, not counted)."""
   values = 2 * model_cfg["n_layers"] * model_cfg["n_kv_heads"] * (model_cfg["d_model"] // model_cfg["n_heads"])
-  scales = 2 * model_cfg["n_layers"] * model_cfg["n_kv_heads"] * 4 if kind in ("int8", "int4") else 0
+  scales = 2 * model_cfg["n_layers"] * model_cfg["n_kv_heads"] * 4 if kind in ("int8", "int4", "int3") else 0
   return values * bits / 8 + scales
 
 

@@ -26,6 +26,19 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32, dtype="float32",
             init_std=0.1)
 B, P, N = 2, 5, 12   # batch, prompt length, new tokens
+# Cached decoding and the full forward compute ulp-different values (other shapes, other reduction orders; the
+# inference form's integer dots), so a value at a rounding tie of an activation or KV quantiser can land on the
+# neighbouring code. Measured on these tiny models (Intel Xeon, AVX-512): such a flip moves the logits by up to 0.04,
+# at a few positions; everything else agrees to float32 ulps. TIE bounds a flip's effect with margin.
+TIE = 0.1
+
+
+def _assert_greedy_up_to_ties(full: np.ndarray, new_tokens: np.ndarray) -> None:
+  """Each new token is the argmax of the full forward's logits `full` at the position before it, or (at a
+  near-tie the cached path resolved the other way) within TIE of it; at least 90% are the argmax itself."""
+  chosen = np.take_along_axis(full, new_tokens[..., None], -1)[..., 0]
+  short = full.max(-1) - chosen
+  assert short.max() <= TIE and (short == 0).mean() >= 0.9, (short.max(), (short == 0).mean())
 
 
 def _model(variant: str, **overrides) -> Transformer:
@@ -61,22 +74,23 @@ def test_cached_greedy_tokens_are_the_full_forward_argmax(variant, scan):
   assert out.shape == (B, P + N) and out.dtype == np.int32
   np.testing.assert_array_equal(out[:, :P], np.asarray(_prompt()))
   full = np.asarray(_forward(_reference(variant), jnp.asarray(out[:, :-1])))   # (B, P + N - 1, V)
-  np.testing.assert_array_equal(full[:, P - 1:].argmax(-1), out[:, P:])   # token t+1 = argmax at position t
+  _assert_greedy_up_to_ties(full[:, P - 1:], out[:, P:])   # token t+1 = argmax at position t
 
 
-def test_prefill_and_step_logits_match_the_full_forward():
+@pytest.mark.parametrize("variant", ["fp", "b158"])
+def test_prefill_and_step_logits_match_the_full_forward(variant):
   tokens = _prompt(length=P + N - 1, seed=2)
-  full = np.asarray(_forward(_model("b158"), tokens))
-  model = generate.inference_form(_model("b158"))
+  full = np.asarray(_forward(_model(variant), tokens))
+  model = generate.inference_form(_model(variant))
   cache = model.init_cache(B, P + N - 1, "float32")
   prefill, cache = _decode(model, tokens[:, :P], cache)
-  np.testing.assert_allclose(np.asarray(prefill), full[:, :P], rtol=0, atol=2e-5)
   steps = []
   for t in range(P, P + N - 1):
     logits, cache = _decode(model, tokens[:, t:t + 1], cache)
     steps.append(np.asarray(logits[:, 0]))
   assert int(cache.pos) == P + N - 1
-  np.testing.assert_allclose(np.stack(steps, 1), full[:, P:], rtol=0, atol=2e-5)
+  dev = np.abs(np.concatenate([np.asarray(prefill), np.stack(steps, 1)], 1) - full).max(-1)   # per position
+  assert dev.max() <= (2e-5 if variant == "fp" else TIE), dev   # b158: ulps, but where a code flipped at a tie
 
 
 def test_inference_form_keeps_the_function_and_the_original_model():
@@ -242,11 +256,29 @@ def test_int4_packing_round_trips_every_code():
   np.testing.assert_array_equal(np.asarray(kv_cache.unpack_int4(packed)), np.asarray(codes))
 
 
-@pytest.mark.parametrize("kind, bits", [("int8", 8), ("int4", 4)])
+def test_int3_packing_round_trips_every_code_in_the_documented_byte_layout():
+  codes = np.stack([np.arange(-4, 4, dtype=np.int8), np.arange(3, -5, -1, dtype=np.int8)])   # every code, twice
+  packed = kv_cache.pack_int3(jnp.asarray(codes))
+  assert packed.shape == (2, 3) and packed.dtype == jnp.uint8
+  for row, got in zip(codes, np.asarray(packed)):   # code i + 4 in bits 3i .. 3i + 2 of a little-endian 24-bit word
+    word = sum((int(c) + 4) << (3 * i) for i, c in enumerate(row))
+    assert list(got) == [word & 0xFF, (word >> 8) & 0xFF, word >> 16]
+  np.testing.assert_array_equal(np.asarray(kv_cache.unpack_int3(packed)), codes)
+  many = jax.random.randint(jax.random.key(0), (3, 5, 32), -4, 4).astype(jnp.int8)
+  np.testing.assert_array_equal(np.asarray(kv_cache.unpack_int3(kv_cache.pack_int3(many))), np.asarray(many))
+  odd = many[..., :13]                                   # padded with zero codes to 16: 2 words, 6 bytes
+  packed = kv_cache.pack_int3(odd)
+  assert packed.shape == (3, 5, 6)
+  unpacked = np.asarray(kv_cache.unpack_int3(packed))
+  np.testing.assert_array_equal(unpacked[..., :13], np.asarray(odd))
+  assert not unpacked[..., 13:].any()
+
+
+@pytest.mark.parametrize("kind, bits", [("int8", 8), ("int4", 4), ("int3", 3)])
 def test_kv_quantiser_error_is_at_most_half_a_step_per_token_and_head(kind, bits):
   x = jax.random.normal(jax.random.key(3), (2, 7, 3, 16)) * jnp.exp(jax.random.normal(jax.random.key(4), (2, 7, 3, 1)))
   stored, scale = jax.jit(kv_cache.encode, static_argnums=1)(x, kind)
-  assert scale.shape == (2, 7, 3, 1) and stored.shape[-1] == (16 if bits == 8 else 8)
+  assert scale.shape == (2, 7, 3, 1) and stored.shape[-1] == 16 * bits // 8
   y = jax.jit(kv_cache.decode, static_argnums=(2, 3))(stored, scale, kind, jnp.float32)
   step = np.abs(np.asarray(x)).max(-1, keepdims=True) / (2 ** (bits - 1) - 1)    # absmax / q per (token, head)
   err = np.abs(np.asarray(y - x))
@@ -255,23 +287,51 @@ def test_kv_quantiser_error_is_at_most_half_a_step_per_token_and_head(kind, bits
   np.testing.assert_array_equal(np.asarray(g), 3.0)
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_quantised_cache_computes_the_full_forward_with_kv_quant(kind):
-  out = np.asarray(generate.generate(_model("b158"), _prompt(), N, kv_dtype=kind))
-  full = np.asarray(_forward(_model("b158", kv_quant=kind), jnp.asarray(out[:, :-1])))
-  np.testing.assert_array_equal(full[:, P - 1:].argmax(-1), out[:, P:])
+@pytest.mark.parametrize("kind, scan, d_model", [("int8", False, 64), ("int4", False, 64), ("int3", False, 64),
+                                                  ("int3", True, 64), ("int3", False, 40)])
+def test_quantised_cache_computes_the_full_forward_with_kv_quant(kind, scan, d_model):
+  # d_model 40: head_dim 10, not a multiple of 8 (int3 pads the last word, as for a48-3b's head_dim 100)
+  out = np.asarray(generate.generate(_model("b158", scan_layers=scan, d_model=d_model), _prompt(), N, kv_dtype=kind))
+  full = np.asarray(_forward(_model("b158", kv_quant=kind, d_model=d_model), jnp.asarray(out[:, :-1])))
+  _assert_greedy_up_to_ties(full[:, P - 1:], out[:, P:])
+
+
+def test_int3_keeps_position_0_at_4_bits_in_the_cache_and_in_the_full_forward():
+  x = jax.random.normal(jax.random.key(8), (2, 6, 2, 16)) * 3.0
+  y = np.asarray(kv_cache.fake_quant(x, "int3"))
+  np.testing.assert_array_equal(y[:, :1], np.asarray(kv_cache.fake_quant(x[:, :1], "int4")))   # a4.8's [bos] heads
+  codes, scale = kv_cache.encode(x[:, 1:], "int3")
+  levels = np.asarray(kv_cache.unpack_int3(codes))
+  assert set(np.unique(levels)) == {-3, -2, -1, 0, 1, 2, 3}             # absmax, q = 3: -4 is never reached
+  np.testing.assert_array_equal(y[:, 1:], levels.astype(np.float32) * np.asarray(scale))
+  assert np.abs(y[:, :1] - np.asarray(x[:, :1])).mean() < np.abs(y[:, 1:] - np.asarray(x[:, 1:])).mean()
+  g = jax.grad(lambda x: (kv_cache.fake_quant(x, "int3") * 2.0).sum())(x)
+  np.testing.assert_array_equal(np.asarray(g), 2.0)
+  # The cache: position 0 comes back from the 4-bit copy, written only by the write that holds position 0.
+  cache = kv_cache.init_cache(n_layers=1, batch=2, max_len=8, n_kv_heads=2, head_dim=16, kind="int3").layers[0]
+  later = cache.write(x[:, 3:], -x[:, 3:], jnp.int32(3))
+  assert not np.asarray(later.first.k).any() and not np.asarray(later.read(jnp.float32)[0][:, :3]).any()
+  full = jax.jit(lambda c: c.write(x[:, :3], -x[:, :3], jnp.int32(0)))(later)
+  k, v = full.read(jnp.float32)
+  np.testing.assert_allclose(np.asarray(k[:, :6]), y, rtol=2.5e-7, atol=0)   # jit vs eager: 1 / s may differ in
+  np.testing.assert_allclose(np.asarray(v[:, :6]), -y, rtol=2.5e-7, atol=0)  # its last bit (`quant`, default mode)
 
 
 def test_quantised_kv_logits_are_close_to_full_precision_and_int8_closer_than_int4():
   tokens = _prompt(length=P + N - 1, seed=5)
   base = np.asarray(_forward(_model("b158"), tokens))
   rel = {k: np.sqrt(np.mean((np.asarray(_forward(_model("b158", kv_quant=k), tokens)) - base) ** 2)) / base.std()
-         for k in ("bfloat16", "int8", "int4")}   # RMS logit error relative to the logits' spread
-  # Measured on this untrained model: bfloat16 ~0.03, int8 ~0.03, int4 ~0.2 (a trained one: experiments/kv_cache.py).
-  assert 0 < rel["int8"] < 0.1 and 0 < rel["bfloat16"] < 0.1 and rel["int8"] < rel["int4"] < 0.4, rel
+         for k in ("bfloat16", "int8", "int4", "int3")}   # RMS logit error relative to the logits' spread
+  # Measured on this untrained model: bfloat16 ~0.03, int8 ~0.03, int4 ~0.2, int3 ~0.3 (a trained one:
+  # experiments/kv_cache.py).
+  assert 0 < rel["int8"] < 0.1 and 0 < rel["bfloat16"] < 0.1 and rel["int8"] < rel["int4"] < rel["int3"] < 0.8, rel
   cache = _model("b158").init_cache(1, 32, "int4")
   assert cache.layers[0].k.dtype == jnp.uint8 and cache.layers[0].k.shape == (1, 32, 2, 8)
   assert cache.nbytes < _model("b158").init_cache(1, 32, "bfloat16").nbytes / 2
+  cache = _model("b158").init_cache(1, 32, "int3")   # 3 bytes per 8 codes + a scale, + position 0 again at 4 bits
+  assert cache.layers[0].k.shape == (1, 32, 2, 6) and cache.layers[0].first.k.shape == (1, 1, 2, 8)
+  per_layer = 2 * (32 * 2 * (6 + 4)) + 2 * (2 * (8 + 4))
+  assert cache.nbytes == 2 * per_layer
 
 
 # ---------------------------------------------------------------- sampling
@@ -323,7 +383,11 @@ def test_bad_arguments_are_refused(prompt, kwargs, match):
 
 def test_bad_kv_quant_and_cache_length_are_refused():
   with pytest.raises(ValueError, match="ModelConfig.kv_quant must be one of"):
-    ModelConfig(**TINY, kv_quant="int3")
+    ModelConfig(**TINY, kv_quant="int2")
+  with pytest.raises(ValueError, match="head_dim=5 must be a multiple of 2 to pack int4 codes"):
+    kv_cache.init_cache(n_layers=1, batch=1, max_len=4, n_kv_heads=1, head_dim=5, kind="int4")
+  with pytest.raises(ValueError, match=r"fake_quant\('int3'\) rounds position 0 at more bits: x must be \[B, T"):
+    kv_cache.fake_quant(jnp.ones((4, 16)), "int3")
   with pytest.raises(ValueError, match=r"max_len must be an int in \[1, max_seq_len=32\]"):
     _model("fp").init_cache(1, 33)
   with pytest.raises(ValueError, match="kv cache kind must be one of"):
@@ -345,11 +409,12 @@ def smoke(tmp_path_factory):
 def test_kv_cache_experiment_smoke(smoke):
   out, result = smoke
   saved = json.loads((out / "kv_cache.json").read_text())
-  assert [r["kv_cache"] for r in saved["rows"]] == ["none", "bfloat16", "int8", "int4"]
+  assert [r["kv_cache"] for r in saved["rows"]] == ["none", "bfloat16", "int8", "int4", "int3"]
   rows = {r["kv_cache"]: r for r in saved["rows"]}
   summary = json.loads((out / "run" / "summary.json").read_text())
   assert rows["none"]["eval_loss"] == pytest.approx(summary["eval_loss"], rel=1e-6)   # training's own eval
-  assert rows["none"]["delta"] == 0 and rows["int4"]["delta"] != 0
+  assert rows["none"]["delta"] == 0 and rows["int4"]["delta"] != 0 and rows["int3"]["delta"] != 0
+  assert rows["int3"]["cache_bytes_per_token"] < rows["int4"]["cache_bytes_per_token"]
   assert all(abs(r["delta"]) < 0.1 for r in saved["rows"])
   assert result["rows"] == saved["rows"]
 
