@@ -18,7 +18,11 @@ Sources (the `source` argument of `load_corpus`):
 Train / validation split, by document and without a seed: documents are ordered by the sha1 of their key
 (relative path, or record index) and the last `max(1, round(valid_fraction * n_docs))` of that order are held
 out. A dataset that ships a `validation` (else `test`) split uses it instead. A one-document corpus is split
-inside the document: its first `1 - valid_fraction` of tokens train, the rest validate.
+inside the document: its first `1 - valid_fraction` of tokens train, the rest validate. With `test_fraction` > 0
+a test split is held out too, the `max(1, round(test_fraction * n_docs))` documents just before the validation
+ones in that order (for a one-document corpus, the tokens just before the validation tokens): the validation
+split is unchanged, the training split loses those documents. Experiments choose on validation and report on
+test (experiments/scaling.py).
 
 Batches: a training example is an int32 window of `seq_len + 1` consecutive tokens (inputs `w[:-1]`, targets
 `w[1:]`); windows start at multiples of `seq_len`, so targets never overlap. `train_iterator` is a grain
@@ -78,7 +82,8 @@ class Corpus:
   the tokens: for the byte tokenizer, whose tokens are the bytes, it is the content fingerprint (so byte corpora
   keep the fingerprints they always had); for any other it also hashes the tokenizer's file fingerprint and EOS
   id. `tokenizer` is `{"name", "vocab_size", "fingerprint"}` of that tokenizer. For a one-document corpus both
-  `n_train_files` and `n_valid_files` are 1 (the document is split by tokens).
+  `n_train_files` and `n_valid_files` are 1 (the document is split by tokens). `test` is empty and `n_test_files`
+  0 unless a test split was asked for (`load_corpus(test_fraction=...)`).
   """
 
   name: str
@@ -89,6 +94,8 @@ class Corpus:
   n_valid_files: int
   content_fingerprint: str
   tokenizer: dict
+  test: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.uint16))
+  n_test_files: int = 0
 
   def summary(self) -> dict:
     """A json-able description: name, fingerprints, tokenizer, file counts and token counts."""
@@ -101,6 +108,8 @@ class Corpus:
         "n_valid_files": int(self.n_valid_files),
         "train_tokens": int(self.train.size),
         "valid_tokens": int(self.valid.size),
+        # the test split's fields only where there is one: the records of runs without one stay as they were
+        **({"n_test_files": int(self.n_test_files), "test_tokens": int(self.test.size)} if self.n_test_files else {}),
     }
 
 
@@ -178,11 +187,12 @@ def _split_order(keys: Sequence[str]) -> list[int]:
 
 
 def _make_corpus(name: str, docs: list[tuple[str, bytes]], valid_docs: list[tuple[str, bytes]] | None, *,
-                 valid_fraction: float, tokenizer: Tokenizer) -> Corpus:
+                 valid_fraction: float, tokenizer: Tokenizer, test_fraction: float = 0.0) -> Corpus:
   """The shared tail of every source: fingerprints, by-document split, tokenization.
 
   `docs` are (key, bytes) sorted by key. `valid_docs`, when given (a dataset's own validation split), are used as
-  the validation set as they are; otherwise validation documents are held out of `docs` by `_split_order`.
+  the validation set as they are; otherwise validation documents are held out of `docs` by `_split_order`. Test
+  documents (`test_fraction` > 0) are held out of `docs` just before the validation ones in that order.
   """
   if not docs:
     raise ValueError(f"{name}: the corpus has no documents")
@@ -194,24 +204,37 @@ def _make_corpus(name: str, docs: list[tuple[str, bytes]], valid_docs: list[tupl
       [("content", content.encode()), ("tokenizer", tokenizer.fingerprint.encode()),
        ("eos_id", str(tokenizer.eos_id).encode())])
 
-  if valid_docs is not None:
-    train = _tokenize_joined([d for _, d in docs], tokenizer)
-    valid_tokens = _tokenize_joined([d for _, d in valid_docs], tokenizer)
-    n_train, n_valid = len(docs), len(valid_docs)
-  elif len(docs) == 1:
+  test = np.zeros(0, np.uint16)
+  n_test = 0
+  if len(docs) == 1 and valid_docs is None:
     tokens = _tokenize_joined([docs[0][1]], tokenizer)
     cut = len(tokens) - int(round(valid_fraction * len(tokens)))
-    train, valid_tokens = tokens[:cut], tokens[cut:]
+    test_cut = cut - int(round(test_fraction * len(tokens)))
+    train, test, valid_tokens = tokens[:test_cut], tokens[test_cut:cut], tokens[cut:]
     n_train = n_valid = 1
+    n_test = 1 if test_fraction else 0
   else:
-    n_valid = min(max(1, int(round(valid_fraction * len(docs)))), len(docs) - 1)
-    held_out = set(_split_order([k for k, _ in docs])[-n_valid:])
-    train = _tokenize_joined([d for i, (_, d) in enumerate(docs) if i not in held_out], tokenizer)
-    valid_tokens = _tokenize_joined([d for i, (_, d) in enumerate(docs) if i in held_out], tokenizer)
-    n_train = len(docs) - n_valid
+    order = _split_order([k for k, _ in docs])
+    n_valid = 0 if valid_docs is not None else min(max(1, int(round(valid_fraction * len(docs)))), len(docs) - 1)
+    if test_fraction:
+      n_test = min(max(1, int(round(test_fraction * len(docs)))), len(docs) - n_valid - 1)
+      if n_test < 1:
+        raise ValueError(f"{name}: {len(docs)} documents leave none for a test split beside {n_valid} validation "
+                         "and at least one training document")
+    valid_ids = set(order[len(order) - n_valid:])
+    test_ids = set(order[len(order) - n_valid - n_test:len(order) - n_valid])
+    pick = lambda ids: _tokenize_joined([d for i, (_, d) in enumerate(docs) if i in ids], tokenizer)
+    train = pick(set(range(len(docs))) - valid_ids - test_ids)
+    if valid_docs is not None:
+      valid_tokens, n_valid = _tokenize_joined([d for _, d in valid_docs], tokenizer), len(valid_docs)
+    else:
+      valid_tokens = pick(valid_ids)
+    test = pick(test_ids) if n_test else test
+    n_train = len(docs) - len(valid_ids) - n_test
   record = {"name": tokenizer.name, "vocab_size": int(tokenizer.vocab_size), "fingerprint": tokenizer.fingerprint}
   return Corpus(name=name, train=train, valid=valid_tokens, fingerprint=fingerprint, n_train_files=n_train,
-                n_valid_files=n_valid, content_fingerprint=content, tokenizer=record)
+                n_valid_files=n_valid, content_fingerprint=content, tokenizer=record, test=test,
+                n_test_files=n_test)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -293,7 +316,7 @@ def _read_files(files: list[tuple[str, str]], max_bytes: int | None) -> list[tup
 # TFDS sources (the dataset side is in data_tfds).
 # --------------------------------------------------------------------------------------------------------------
 def _load_text_dir(path: str, *, source: str, data_dir: str | None, valid_fraction: float, tokenizer: Tokenizer,
-                   max_bytes: int | None) -> Corpus:
+                   max_bytes: int | None, test_fraction: float = 0.0) -> Corpus:
   if not path:
     raise ValueError(f"source {source!r}: no directory given (expected 'text_dir:/some/path')")
   root = os.path.abspath(os.path.expanduser(path))
@@ -316,11 +339,12 @@ def _load_text_dir(path: str, *, source: str, data_dir: str | None, valid_fracti
   if built_fingerprint != fingerprint:
     raise ValueError(f"source {source!r}: the dataset built from {root} does not match its files (fingerprint "
                      f"{built_fingerprint[:12]} != {fingerprint[:12]}); were files changed while it was built?")
-  return _make_corpus(f"text_dir:{root}", docs, None, valid_fraction=valid_fraction, tokenizer=tokenizer)
+  return _make_corpus(f"text_dir:{root}", docs, None, valid_fraction=valid_fraction, tokenizer=tokenizer,
+                      test_fraction=test_fraction)
 
 
 def _load_tfds(spec: str, *, source: str, data_dir: str | None, valid_fraction: float, tokenizer: Tokenizer,
-               text_key: str, max_bytes: int | None) -> Corpus:
+               text_key: str, max_bytes: int | None, test_fraction: float = 0.0) -> Corpus:
   m = _TFDS_SOURCE.match(spec)
   if not spec or m is None:
     raise ValueError(f"source {source!r}: expected 'tfds:NAME[:SPLIT]', e.g. 'tfds:lm1b' or 'tfds:c4/en:train'")
@@ -331,11 +355,12 @@ def _load_tfds(spec: str, *, source: str, data_dir: str | None, valid_fraction: 
                                                     max_bytes=max_bytes, what=what)
   valid_docs = read(valid_source, "valid/") if valid_source is not None else None
   return _make_corpus(what, read(train_source, "train/"), valid_docs, valid_fraction=valid_fraction,
-                      tokenizer=tokenizer)
+                      tokenizer=tokenizer, test_fraction=test_fraction)
 
 
 def load_corpus(source: str = "stdlib", *, valid_fraction: float = 0.02, tokenizer: Tokenizer | str | None = None,
-                text_key: str = "text", max_bytes: int | None = None, data_dir: str | None = None) -> Corpus:
+                text_key: str = "text", max_bytes: int | None = None, data_dir: str | None = None,
+                test_fraction: float = 0.0) -> Corpus:
   """Loads and tokenizes a corpus; see the module docstring for the sources.
 
   Args:
@@ -351,19 +376,27 @@ def load_corpus(source: str = "stdlib", *, valid_fraction: float = 0.02, tokeniz
       crosses the cap is kept; applied before the split, and to each of a dataset's own splits).
     data_dir: where TFDS datasets are built and read; for `text_dir:` the default is `PATH/.tfds`, for `tfds:`
       TFDS's own default.
+    test_fraction: share of documents held out as a test split (default 0: none), taken from the training
+      documents just before the validation ones in the split order (see the module docstring), also for a
+      dataset with its own validation split.
 
   Returns:
     A `Corpus` whose token arrays are uint16 (int32 for a vocabulary over 65536) and read-only.
 
   Raises:
-    ValueError: unknown source, missing directory, no text files, empty corpus, bad `valid_fraction` or
-      `max_bytes`, unknown tokenizer kind, a tokenizer without an EOS id.
+    ValueError: unknown source, missing directory, no text files, empty corpus, bad `valid_fraction`,
+      `test_fraction` or `max_bytes`, too few documents for a test split, unknown tokenizer kind, a tokenizer
+      without an EOS id.
     FileNotFoundError, ImportError: from `make_tokenizer` (missing tokenizer file, library not installed).
   """
   if not isinstance(source, str):
     raise ValueError(f"source must be a string, got {type(source).__name__}")
   if not 0.0 < valid_fraction < 1.0:
     raise ValueError(f"source {source!r}: valid_fraction must be in (0, 1), got {valid_fraction!r}")
+  if (not isinstance(test_fraction, (int, float)) or isinstance(test_fraction, bool) or not 0.0 <= test_fraction < 1.0
+      or valid_fraction + test_fraction >= 1.0):
+    raise ValueError(f"source {source!r}: test_fraction must be in [0, 1) with valid_fraction + test_fraction < 1, "
+                     f"got {test_fraction!r} (valid_fraction {valid_fraction!r})")
   if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 1):
     raise ValueError(f"source {source!r}: max_bytes must be a positive int or None, got {max_bytes!r}")
   tokenizer = _resolve_tokenizer(tokenizer)
@@ -374,13 +407,14 @@ def load_corpus(source: str = "stdlib", *, valid_fraction: float = 0.02, tokeniz
     if not files:
       raise ValueError(f"source {source!r}: no .py files found (stdlib at {sysconfig.get_paths()['stdlib']})")
     docs = _read_files(files, max_bytes)
-    return _make_corpus(source, docs, None, valid_fraction=valid_fraction, tokenizer=tokenizer)
+    return _make_corpus(source, docs, None, valid_fraction=valid_fraction, tokenizer=tokenizer,
+                        test_fraction=test_fraction)
   if sep and kind == "text_dir":
     return _load_text_dir(arg, source=source, data_dir=data_dir, valid_fraction=valid_fraction,
-                          tokenizer=tokenizer, max_bytes=max_bytes)
+                          tokenizer=tokenizer, max_bytes=max_bytes, test_fraction=test_fraction)
   if sep and kind == "tfds":
     return _load_tfds(arg, source=source, data_dir=data_dir, valid_fraction=valid_fraction, tokenizer=tokenizer,
-                      text_key=text_key, max_bytes=max_bytes)
+                      text_key=text_key, max_bytes=max_bytes, test_fraction=test_fraction)
   raise ValueError(f"unknown source {source!r}: expected 'stdlib', 'python_paths', 'text_dir:PATH' or "
                    "'tfds:NAME[:SPLIT]'")
 

@@ -130,7 +130,8 @@ def _train(config, workdir: Path, mesh, rules, model_cfg: ModelConfig, tokenizer
   # ---------------------------------------------------------------- 2. data, and the resume check
   # Every process computes the same global batches from the seed and transfers only its own rows.
   corpus = data.load_corpus(config.data.source, valid_fraction=config.data.valid_fraction,
-                            text_key=config.data.text_key, tokenizer=tokenizer)
+                            test_fraction=config.data.get("test_fraction", 0.0), text_key=config.data.text_key,
+                            tokenizer=tokenizer)
   config_json = config.to_json_best_effort(indent=2)
   saved = _finalized_steps(ckpt_dir)
   if not saved and t.get("init_from"):

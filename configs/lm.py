@@ -111,6 +111,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.source = "stdlib"         # stdlib | python_paths | text_dir:PATH | tfds:NAME[:SPLIT]
   config.data.tokenizer = "byte"        # byte | sentencepiece:PATH | hf:PATH (then set config.model.vocab_size)
   config.data.valid_fraction = 0.02     # held out by file
+  config.data.test_fraction = 0.0       # a test split held out by file too (experiments/scaling.py reports on it)
   config.data.text_key = "text"         # the feature to read from a TFDS dataset
   config.data.eval_batches = 8          # fixed evenly spaced validation windows
 

@@ -23,7 +23,8 @@ For each variant's best run, the report then measures on `--eval_batches` valida
   * the statistics that motivate v2's Hadamard transform, of the inputs of o_proj and down_proj after their norm:
     excess kurtosis and max|x| / mean|x| per token, as is and after the transform;
   * the train step's time, interleaved across the variants (median of `--time_steps` steps in each of 3 rounds).
-Writes OUT/variants.json and OUT/variants.png and prints a markdown table.
+Writes OUT/variants.json and OUT/variants.png and prints a markdown table; sizes already in OUT/variants.json that
+this run does not measure (`--sizes s2` after an s1 run) are kept.
 """
 
 from __future__ import annotations
@@ -247,6 +248,30 @@ def markdown(best: dict, times: dict) -> str:
   return "\n".join(lines)
 
 
+def keep_other_sizes(path: Path, result: dict) -> dict:
+  """`result` plus the sizes of the results file at `path` that this run did not measure (same tokens and mode).
+
+  Sizes are measured in separate sessions (s2 takes hours); each size's rows keep their own record of when they
+  were measured, under "measured" (wall seconds, report-only or not, jax version).
+  """
+  stamp = {"wall_s": result["wall_s"], "report_only": result["report_only"], "jax": result["jax"]}
+  result["measured"] = {size: stamp for size in result["best"]}
+  if not path.exists():
+    return result
+  old = json.loads(path.read_text())
+  if old.get("tokens_per_run") != result["tokens_per_run"] or old.get("smoke") != result["smoke"]:
+    return result   # another budget or the smoke mode: nothing comparable to keep
+  old_stamp = {k: old.get(k) for k in stamp}
+  for size in sorted(set(old["best"]) - set(result["best"])):
+    result["best"][size] = old["best"][size]
+    result["step_seconds"][size] = old["step_seconds"][size]
+    result["runs"] += [r for r in old["runs"] if r["size"] == size]
+    result["measured"][size] = old.get("measured", {}).get(size, old_stamp)
+  result["best"] = dict(sorted(result["best"].items()))
+  result["step_seconds"] = dict(sorted(result["step_seconds"].items()))
+  return result
+
+
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
   parser.add_argument("--workdir", default="runs/variants", help="one folder per size, one run per (variant, lr)")
@@ -305,9 +330,12 @@ def main(argv=None) -> dict:
   result = {"runs": runs, "best": best, "step_seconds": times, "tokens_per_run": tokens, "smoke": args.smoke,
             "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})", "jax": jax.__version__,
             "report_only": args.report, "wall_s": time.perf_counter() - t0}
-  (out / "variants.json").write_text(json.dumps(result, indent=2))
-  plot(runs, best, out / "variants.png")
-  print(markdown(best, times))
+  result = keep_other_sizes(out / "variants.json", result)
+  tmp = out / "variants.json.tmp"   # written whole, then renamed: a killed run leaves the old file intact
+  tmp.write_text(json.dumps(result, indent=2))
+  tmp.replace(out / "variants.json")
+  plot(result["runs"], result["best"], out / "variants.png")
+  print(markdown(result["best"], result["step_seconds"]))
   print(f"\nwrote {out / 'variants.json'} and {out / 'variants.png'}")
   return result
 

@@ -223,6 +223,39 @@ def test_single_file_is_split_by_tokens(tmp_path):
   np.testing.assert_array_equal(np.concatenate([c.train, c.valid]), np.frombuffer(text, np.uint8))
 
 
+def test_test_split_holds_out_the_documents_before_the_validation_ones_and_leaves_validation_alone(text_dir):
+  root, files = text_dir
+  plain = data.load_corpus(f"text_dir:{root}", valid_fraction=0.1)
+  c = data.load_corpus(f"text_dir:{root}", valid_fraction=0.1, test_fraction=0.15)
+  assert (c.n_train_files, c.n_test_files, c.n_valid_files) == (15, 3, 2)
+  np.testing.assert_array_equal(c.valid, plain.valid)                # choices made on validation stay comparable
+  order = sorted(files, key=lambda r: hashlib.sha1(r.encode()).hexdigest())
+  test_rels, valid_rels = sorted(order[-5:-2]), sorted(order[-2:])
+  train_rels = [r for r in sorted(files) if r not in test_rels + valid_rels]
+  np.testing.assert_array_equal(c.test, _joined([files[r] for r in test_rels]))
+  np.testing.assert_array_equal(c.train, _joined([files[r] for r in train_rels]))
+  assert c.fingerprint == plain.fingerprint                          # the same content; the split is the config's
+  s = c.summary()
+  assert (s["n_test_files"], s["test_tokens"]) == (3, c.test.size) and "test_tokens" not in plain.summary()
+  assert plain.test.size == 0 and plain.n_test_files == 0
+
+
+def test_test_split_of_one_document_and_bad_fractions(tmp_path):
+  text = bytes(range(32, 127)) * 10
+  (tmp_path / "only.txt").write_bytes(text)
+  c = data.load_corpus(f"text_dir:{tmp_path}", valid_fraction=0.1, test_fraction=0.2)
+  assert (c.n_train_files, c.n_test_files, c.n_valid_files) == (1, 1, 1)
+  assert (c.valid.size, c.test.size) == (round(0.1 * len(text)), round(0.2 * len(text)))
+  np.testing.assert_array_equal(np.concatenate([c.train, c.test, c.valid]), np.frombuffer(text, np.uint8))
+  for bad in (-0.1, 1.0, 0.9, True, "0.1"):                          # 0.9: with valid 0.1 nothing is left to train
+    with pytest.raises(ValueError, match="test_fraction must be in"):
+      data.load_corpus(f"text_dir:{tmp_path}", valid_fraction=0.1, test_fraction=bad)
+  for i in range(2):
+    (tmp_path / f"more{i}.txt").write_bytes(b"x" * 10)
+  with pytest.raises(ValueError, match="leave none for a test split"):   # 3 documents: 2 validate, 1 must train
+    data.load_corpus(f"text_dir:{tmp_path}", valid_fraction=0.6, test_fraction=0.3)
+
+
 def test_tfds_source_reads_a_prepared_dataset(text_dir):
   """`tfds:NAME` through `tfds.data_source` (download is a no-op for a prepared dataset): keyed by index."""
   root, files = text_dir

@@ -47,6 +47,30 @@ def test_smoke_comparison_measures_each_variants_best_run_and_reruns_nothing(tmp
   assert {v: b["lr"] for v, b in report["best"]["s1"].items()} == {v: b["lr"] for v, b in result["best"]["s1"].items()}
 
 
+def _result(sizes, tokens=1000, smoke=False, report_only=False):
+  return {"runs": [{"size": s, "variant": "b158", "lr": 0.01} for s in sizes],
+          "best": {s: {"b158": {"lr": 0.01}} for s in sizes}, "step_seconds": {s: {"b158": 0.1} for s in sizes},
+          "tokens_per_run": tokens, "smoke": smoke, "jax": "x", "report_only": report_only, "wall_s": 1.0}
+
+
+def test_a_run_of_one_size_keeps_the_other_sizes_of_the_results_file(tmp_path):
+  path = tmp_path / "variants.json"
+  first = variants.keep_other_sizes(path, _result(["s1"], report_only=True))   # no file yet: nothing to keep
+  assert set(first["best"]) == {"s1"} and first["measured"]["s1"]["report_only"]
+  path.write_text(json.dumps(first))
+  both = variants.keep_other_sizes(path, _result(["s2"]))
+  assert list(both["best"]) == list(both["step_seconds"]) == ["s1", "s2"]
+  assert sorted(r["size"] for r in both["runs"]) == ["s1", "s2"]
+  assert both["measured"]["s1"]["report_only"] and not both["measured"]["s2"]["report_only"]   # each its own
+  path.write_text(json.dumps(both))
+  again = variants.keep_other_sizes(path, _result(["s1"]))   # rerunning s1 replaces s1, keeps s2
+  assert [r["size"] for r in again["runs"]].count("s1") == 1 and not again["measured"]["s1"]["report_only"]
+  assert set(again["best"]) == {"s1", "s2"}
+  # another token budget (or the smoke mode) is not comparable: nothing is kept
+  assert set(variants.keep_other_sizes(path, _result(["s3"], tokens=5))["best"]) == {"s3"}
+  assert set(variants.keep_other_sizes(path, _result(["s3"], smoke=True))["best"]) == {"s3"}
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--variants", "b158", "v3"], "--variants must be distinct names of"),
     (["--variants", "b158", "b158"], "--variants must be distinct names of"),
