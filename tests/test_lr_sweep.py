@@ -87,7 +87,7 @@ def _fake_trainer(losses: dict, calls: list):
     lr = config.optim.lr
     calls.append(lr)
     if losses[lr] is None:
-      raise train.NonFiniteLossError(f"loss is nan at step 3: stopping; the last checkpoint (step None) holds ...")
+      raise train.NonFiniteLossError("loss is nan at step 3: stopping; the last checkpoint (step None) holds ...")
     workdir.mkdir(parents=True, exist_ok=True)
     summary = {"steps": config.train.steps, "eval_loss": losses[lr], "wall_s": 1.0,
                "tokens": config.train.steps * config.train.batch_size * config.train.seq_len}

@@ -179,8 +179,6 @@ def test_quant_warmup_ramps_lambda_and_checkpoints_it(tmp_path, monkeypatch):
 
 
 def test_fine_tuning_an_fp_run_into_b158_with_warmup(tmp_path):
-  from flax import nnx
-
   from bitnet_jax.interop import hf
 
   fp_dir, hf_dir = tmp_path / "fp", tmp_path / "fp-hf"

@@ -1,0 +1,458 @@
+"""experiments/scaling_v2: L(N) of fp, BitNet and b1.58, each point at its own tuned learning rate (-> experiments).
+
+    .venv/bin/python experiments/scaling_v2.py            # 7 sizes x 3 variants x ~3.5 learning rates: hours
+    .venv/bin/python experiments/scaling_v2.py --smoke    # the same code path, tiny, in a few minutes
+    .venv/bin/python experiments/scaling_v2.py --report   # fits and plots of the runs recorded so far
+
+The design (issue 18; it replaces experiments/scaling.py's fixed-token sweep once its results are complete):
+  * Data grows with the model: every run trains on k x N tokens (N: non-embedding parameters, k =
+    `--tokens_per_param`, default 10), batch 8 x 128, from the embedded corpus without repeating data (the
+    largest run must fit in the training split once; checked). Sizes: `LADDER`, 7 sizes over ~47x in N.
+  * Learning rate per variant and size: a factor-2 grid of 3 around a predicted optimum (the first size: our
+    committed learning-rate sweep's optimum at s1; then a line through log lr* against log N of the sizes done,
+    or the previous size's lr* with only one), extended by one step while the best run sits at an edge (up to
+    `--extend` times). lr* is the vertex of a parabola through the best run and its two neighbours in log2(lr).
+    Every run is recorded, diverged ones too.
+  * Selection apart from reporting: the corpus holds out a test split by file (`data.test_fraction`, 2%) beside
+    validation; the learning rate is chosen on the validation loss, and the fits use the chosen run's test loss.
+  * Evaluation in the papers' inference mode: losses are per-token (`generate.inference_form(model, "dense")`:
+    BitNet's activation absmax per token, not per batch), with the standard error over test sequences; BitNet's
+    training-mode (per-tensor) test loss is recorded beside it.
+  * Fits (`experiments/scaling_fit.py`): Huber on log residuals from a grid of starts, c free and c fixed at 0,
+    paired bootstrap intervals (sizes resampled, losses perturbed by their s.e.), the held-out largest size, and
+    each quantised variant's gap to fp with its slope per decade.
+  * Mechanics: every finished run is written to OUT/scaling_v2.json at once (atomically); a run recorded there
+    is never trained again, even without its run directory, so the sweep resumes across sessions from the
+    committed file. `done` in the file says which (variant, size) points are finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))   # run from a checkout: configs/ sits at the repository root
+
+import jax.numpy as jnp  # noqa: E402
+import matplotlib  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from bitnet_jax import cli, data, generate, train, weights  # noqa: E402
+from bitnet_jax.model import count_params  # noqa: E402
+
+
+def _load(name: str):
+  spec = importlib.util.spec_from_file_location(f"experiments_{name}", Path(__file__).resolve().with_name(f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+scaling, lr_sweep, sf = _load("scaling"), _load("lr_sweep"), _load("scaling_fit")
+
+VARIANTS = ("fp", "bitnet", "b158")
+# name: (d_model, n_layers, n_heads); N (non-embedding) from ~7K to ~330K
+LADDER = {"t0": (24, 1, 2), "t1": (32, 1, 2), "t2": (32, 2, 2), "t3": (48, 2, 4), "t4": (64, 2, 4),
+          "t5": (64, 3, 4), "t6": (96, 3, 4)}
+SMOKE_LADDER = {"t0": (16, 1, 2), "t1": (24, 1, 2), "t2": (32, 1, 2), "t3": (32, 2, 2)}
+BATCH, SEQ = 8, 128
+# The first size's grid centre: the committed learning-rate sweep's optimum at s1 (experiments/results/
+# lr_sweep.json: fp 0.004, b158 0.032; variants.json: b158 0.016); BitNet is not in that sweep: b158's.
+FIRST_LR = {"fp": 4e-3, "bitnet": 1.6e-2, "b158": 1.6e-2}
+LATTICE = 1e-3     # every learning rate is 1e-3 x 2^k, so grids of neighbouring sizes share points
+TEST_FRACTION = 0.02
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Runs.
+# --------------------------------------------------------------------------------------------------------------
+def run_config(variant: str, size, tokens_per_param: float, lr: float, seed: int, smoke: bool):
+  """One run: the variant's `-small` recipe at `size`, k x N tokens (smoke: 4 steps), batch 8 x 128, test split."""
+  config = scaling.run_config(variant, size, 1, seed, smoke)
+  n = count_params(train.model_config_from(config))["non_embedding"]
+  batch, seq = (4, 32) if smoke else (BATCH, SEQ)
+  steps = 4 if smoke else max(int(round(tokens_per_param * n / (batch * seq))), 10)
+  config.train.batch_size, config.train.seq_len, config.train.steps = batch, seq, steps
+  config.train.eval_every = config.train.checkpoint_every = steps if smoke else max(steps // 4, 1)
+  config.train.log_every = max(steps // 20, 1)
+  config.optim.warmup_steps = max(steps // 10, 1)
+  config.data.test_fraction = TEST_FRACTION
+  return lr_sweep.with_lr(config, lr)
+
+
+def _snap(lr: float) -> float:
+  return LATTICE * 2.0 ** round(math.log2(lr / LATTICE))
+
+
+@nnx.jit
+def _sequence_losses(model, batch):
+  logits = model(batch[:, :-1])
+  return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean(axis=-1)
+
+
+def _split_losses(model, tokens, config, eval_batches: int) -> np.ndarray:
+  batches = data.eval_batches(tokens, batch_size=config.train.batch_size, seq_len=config.train.seq_len,
+                              max_batches=eval_batches)
+  return np.concatenate([np.asarray(_sequence_losses(model, jnp.asarray(b))) for b in batches])
+
+
+def _mean_se(losses: np.ndarray) -> tuple[float, float]:
+  return float(losses.mean()), float(losses.std(ddof=1) / math.sqrt(len(losses)))
+
+
+def evaluate(run_dir: Path, eval_batches: int) -> dict:
+  """Validation and test losses of a finished run in inference mode (per-token activation scales), with their
+  standard errors over sequences; BitNet's training-mode (per-tensor) test loss beside them."""
+  model, config = weights.load_checkpoint(run_dir)
+  corpus = data.load_corpus(config.data.source, valid_fraction=config.data.valid_fraction,
+                            test_fraction=config.data.test_fraction, text_key=config.data.text_key,
+                            tokenizer=config.data.tokenizer)
+  inference = generate.inference_form(model, "dense", "unrolled")
+  out = {}
+  for split, tokens in (("val", corpus.valid), ("test", corpus.test)):
+    losses = _split_losses(inference, tokens, config, eval_batches)
+    out[f"{split}_loss"], out[f"{split}_loss_se"] = _mean_se(losses)
+    out[f"{split}_tokens"] = int(losses.size * config.train.seq_len)
+  if config.model.variant == "bitnet":
+    out["test_loss_train_mode"], _ = _mean_se(_split_losses(model, corpus.test, config, eval_batches))
+  out["test_sequence_losses"] = [round(float(x), 4) for x in losses]   # paired gaps between variants
+  return out
+
+
+def train_point(workdir: Path, variant: str, size_name: str, size, lr: float, args) -> dict:
+  """Trains (or finds finished on disk) one (variant, size, lr) run and evaluates it; its record."""
+  config = run_config(variant, size, args.tokens_per_param, lr, args.seed, args.smoke)
+  run_dir = workdir / size_name / f"{variant}-lr{lr:.4g}"
+  summary = lr_sweep._finished(run_dir, config.train.steps)
+  if summary is None:
+    lr_sweep._check_same_run(run_dir, config)
+    summary = lr_sweep._train_one(config, run_dir)
+  diverged, reason = lr_sweep._diverged(summary, math.log(config.model.vocab_size))
+  params = count_params(train.model_config_from(config))
+  record = {"variant": variant, "size": size_name, "d_model": size[0], "n_layers": size[1], "n_heads": size[2],
+            "n_params": params["non_embedding"], "n_params_total": params["total"], "lr": lr,
+            "tokens": config.train.steps * config.train.batch_size * config.train.seq_len,
+            "steps": config.train.steps, "diverged": diverged, "reason": reason, "wall_s": summary["wall_s"],
+            "val_loss_train_mode": None if diverged else summary["eval_loss"]}
+  if not diverged:
+    record |= evaluate(run_dir, 2 if args.smoke else args.eval_batches)
+  return record
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Learning rates.
+# --------------------------------------------------------------------------------------------------------------
+def lr_optimum(runs: list[dict]) -> dict:
+  """The best run on validation loss among one (variant, size)'s runs; `at_edge`: "low" / "high" when it is the
+  smallest / largest learning rate tried (a larger one that diverged closes the high edge: None; all diverged:
+  "low"); lr*: the vertex
+  of the parabola in log2(lr) through the best run and its two neighbours (the best run's lr without both)."""
+  ok = sorted((r for r in runs if not r["diverged"]), key=lambda r: r["lr"])
+  if not ok:   # every rate diverged: look lower
+    return {"lr": None, "lr_star": None, "at_edge": "low", "best": None}
+  i = min(range(len(ok)), key=lambda j: ok[j]["val_loss"])
+  lrs = sorted(r["lr"] for r in runs)
+  at_edge = "low" if ok[i]["lr"] == lrs[0] else "high" if ok[i]["lr"] == lrs[-1] else None
+  lr_star = ok[i]["lr"]
+  if 0 < i < len(ok) - 1:
+    x = np.log2([ok[j]["lr"] for j in (i - 1, i, i + 1)])
+    a, b, _ = np.polyfit(x, [ok[j]["val_loss"] for j in (i - 1, i, i + 1)], 2)
+    if a > 0:
+      lr_star = float(2.0 ** np.clip(-b / (2 * a), x[0], x[2]))
+  return {"lr": ok[i]["lr"], "lr_star": lr_star, "at_edge": at_edge, "best": ok[i]}
+
+
+def grid_centre(variant: str, done: list[tuple[float, float]], n_next: float) -> float:
+  """The next size's grid centre from the sizes done (`done`: [(N, lr*)], N ascending): FIRST_LR with none, the
+  lr* of the one, else the least-squares line through log lr* against log N at `n_next`, kept within a factor 2
+  of the last size's lr* (the sizes are about 2x apart; a line through noisy optima must not run away)."""
+  if not done:
+    return FIRST_LR[variant]
+  last = done[-1][1]
+  if len(done) == 1:
+    return last
+  slope, icpt = np.polyfit(np.log([d[0] for d in done]), np.log([d[1] for d in done]), 1)
+  return float(np.clip(np.exp(icpt + slope * np.log(n_next)), last / 2, last * 2))
+
+
+def sweep_point(workdir, variant, size_name, size, centre, records, args, save, bar, cost) -> dict:
+  """Every run of one (variant, size): the grid around `centre`, extended while the best sits at an edge."""
+  grid = [_snap(centre) * f for f in ((1.0, 2.0) if args.smoke else (0.5, 1.0, 2.0))]
+  mine = lambda: [r for r in records if r["variant"] == variant and r["size"] == size_name]
+  for extension in range(args.extend + 1):
+    for lr in grid:
+      if not any(math.isclose(r["lr"], lr) for r in mine()):
+        bar.set_postfix_str(f"{size_name} {variant} lr {lr:.4g}")
+        records.append(train_point(workdir, variant, size_name, size, lr, args))
+        save()
+      bar.update(cost)
+    opt = lr_optimum(mine())
+    if opt["at_edge"] is None or extension == args.extend:
+      return opt
+    lrs = sorted(r["lr"] for r in mine())
+    grid = [lrs[-1] * 2] if opt["at_edge"] == "high" else [lrs[0] / 2]   # "low": also when all diverged
+    bar.total += cost
+  return opt
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Analysis.
+# --------------------------------------------------------------------------------------------------------------
+def selected(records: list[dict], done: dict, variants) -> dict:
+  """variant -> the chosen run per finished size (the best on validation), N ascending."""
+  out = {}
+  for v in variants:
+    rows = [done[v][s]["best"] for s in done[v] if done[v][s]["best"] is not None]
+    out[v] = sorted(rows, key=lambda r: r["n_params"])
+  return out
+
+
+def _paired_se(a: dict, b: dict) -> float:
+  """Standard error of a's test loss minus b's over the same sequences (the sequences' own spread in difficulty
+  cancels); without both sequence lists, that of independent losses."""
+  x, y = a.get("test_sequence_losses"), b.get("test_sequence_losses")
+  if x and y and len(x) == len(y):
+    d = np.subtract(x, y)
+    return float(d.std(ddof=1) / math.sqrt(len(d)))
+  return math.hypot(a["test_loss_se"], b["test_loss_se"])
+
+
+def analyse(chosen: dict, draws: int, seed: int) -> dict:
+  """Fits per variant (c free and c = 0), the held-out largest size, and the paired bootstrap over the sizes
+  every variant has finished; gaps to fp per size, with the paired standard error over the same test sequences."""
+  fits = {}
+  for v, rows in chosen.items():
+    n = [r["n_params"] for r in rows]
+    loss = [r["test_loss"] for r in rows]
+    if len(set(n)) < 3:
+      fits[v] = {"sizes": len(rows), "note": "fewer than 3 sizes finished: no fit yet"}
+      continue
+    fits[v] = {"sizes": len(rows), "free_c": sf.fit(n, loss), "c_0": sf.fit(n, loss, c=0.0),
+               "held_out": sf.held_out(n, loss), "held_out_c_0": sf.held_out(n, loss, c=0.0)}
+  common = sorted(set.intersection(*[{r["size"] for r in rows} for rows in chosen.values()])) if chosen else []
+  by = {(r["variant"], r["size"]): r for rows in chosen.values() for r in rows}
+  common.sort(key=lambda s: by[(next(iter(chosen)), s)]["n_params"])
+  gaps = []
+  for s in common:
+    if "fp" not in chosen:
+      break
+    ref = by[("fp", s)]
+    gaps.append({"size": s, "n_params": ref["n_params"], **{
+        f"{v}_minus_fp": by[(v, s)]["test_loss"] - ref["test_loss"] for v in chosen if v != "fp"}, **{
+        f"{v}_minus_fp_se": _paired_se(by[(v, s)], ref) for v in chosen if v != "fp"}})
+  out = {"fits": fits, "gaps": gaps, "common_sizes": common}
+  if len(common) >= 4:
+    n = [by[("fp" if "fp" in chosen else next(iter(chosen)), s)]["n_params"] for s in common]
+    losses = {v: [by[(v, s)]["test_loss"] for s in common] for v in chosen}
+    ses = {v: [by[(v, s)]["test_loss_se"] for s in common] for v in chosen}
+    for c, key in ((None, "bootstrap_free_c"), (0.0, "bootstrap_c_0")):
+      bs = sf.bootstrap(n, losses, ses, draws=draws, seed=seed, c=c, ref="fp" if "fp" in chosen else None)
+      bs.pop("fits")
+      out[key] = bs
+    for v in chosen:
+      iv = out["bootstrap_free_c"]["intervals"][v]["c"]
+      if v in fits and "free_c" in fits[v]:
+        fits[v]["c_identified"] = sf.c_identified(iv, min(losses[v]))
+    if "fp" in chosen:
+      out["gap_slope_per_decade"] = {v: sf.gap_slope(n, np.subtract(losses[v], losses["fp"])) for v in chosen
+                                     if v != "fp"}
+  return out
+
+
+COLORS = {"fp": "tab:blue", "bitnet": "tab:orange", "b158": "tab:red"}
+LABELS = {"fp": "FP (LLaMA-like)", "bitnet": "BitNet (W1A8)", "b158": "BitNet b1.58 (W1.58A8)"}
+
+
+def plot(records: list[dict], chosen: dict, analysis: dict, out: Path) -> None:
+  """Top: test loss against N with the c-free fits; the gaps to fp against N. Bottom: validation loss against the
+  learning rate per size, one panel per variant."""
+  variants = list(chosen)
+  fig, axes = plt.subplots(2, max(len(variants), 2), figsize=(5 * max(len(variants), 2), 9), squeeze=False)
+  ax = axes[0, 0]
+  for v, rows in chosen.items():
+    n = np.asarray([r["n_params"] for r in rows], float)
+    ax.errorbar(n, [r["test_loss"] for r in rows], yerr=[2 * r["test_loss_se"] for r in rows], fmt="o",
+                color=COLORS[v], label=LABELS[v])
+    f = analysis["fits"].get(v, {}).get("free_c")
+    if f:
+      grid = np.geomspace(n.min() * 0.8, n.max() * 1.25, 100)
+      ax.plot(grid, sf.law(grid, f["a"], f["b"], f["c"]), color=COLORS[v], lw=1.2,
+              label=f"{f['a']:.3g} N^{f['b']:.3f} + {f['c']:.3f}")
+  ax.set(xscale="log", xlabel="non-embedding parameters N", ylabel="test loss, nats per byte (inference mode)",
+         title="each point at its variant's best learning rate")
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=7)
+  ax = axes[0, 1]
+  for v in variants:
+    if v == "fp" or not analysis["gaps"]:
+      continue
+    g = analysis["gaps"]
+    ax.errorbar([x["n_params"] for x in g], [x[f"{v}_minus_fp"] for x in g],
+                yerr=[2 * x[f"{v}_minus_fp_se"] for x in g], fmt="o-", color=COLORS[v], label=f"{v} - fp")
+  ax.axhline(0, color="k", lw=0.8)
+  ax.set(xscale="log", xlabel="N", ylabel="test loss minus fp's (+-2 s.e.)", title="gap to FP")
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=7)
+  for ax in axes[0, 2:]:
+    ax.axis("off")
+  cmap = plt.get_cmap("viridis")
+  sizes = sorted({r["size"] for r in records})
+  for ax, v in zip(axes[1], variants):
+    for k, s in enumerate(sizes):
+      rows = sorted((r for r in records if r["variant"] == v and r["size"] == s and not r["diverged"]),
+                    key=lambda r: r["lr"])
+      if rows:
+        ax.plot([r["lr"] for r in rows], [r["val_loss"] for r in rows], "o-", ms=3,
+                color=cmap(k / max(len(sizes) - 1, 1)), label=s)
+    ax.set(xscale="log", xlabel="peak learning rate", ylabel="validation loss", title=LABELS[v])
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+  for ax in axes.flat:
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())   # no crowded minor labels on log axes
+  fig.tight_layout()
+  fig.savefig(out, dpi=110)
+  plt.close(fig)
+
+
+def markdown(chosen: dict, analysis: dict) -> str:
+  variants = list(chosen)
+  by = {(r["variant"], r["size"]): r for rows in chosen.values() for r in rows}
+  sizes = sorted({s for (_, s) in by}, key=lambda s: min(r["n_params"] for (v, t), r in by.items() if t == s))
+  head = "| size | " + " | ".join(f"{v}: N / tokens / lr / test loss" for v in variants) + " |"
+  lines = [head, "|---" * (len(variants) + 1) + "|"]
+  for s in sizes:
+    cells = []
+    for v in variants:
+      r = by.get((v, s))
+      cells.append("not done" if r is None else f"{r['n_params']:,} / {r['tokens']:,} / {r['lr']:.4g} / "
+                   f"{r['test_loss']:.4f} +- {r['test_loss_se']:.4f}")
+    lines.append(f"| {s} | " + " | ".join(cells) + " |")
+  lines += ["", "| variant | fit (c free) | c identified | held-out largest (c free; c = 0) | fit (c = 0) |",
+            "|---|---|---|---|---|"]
+  for v, f in analysis["fits"].items():
+    if "free_c" not in f:
+      lines.append(f"| {v} | {f['note']} | | | |")
+      continue
+    a, z = f["free_c"], f["c_0"]
+    held = "; ".join(f"{h['relative_error']:+.2%}" if "relative_error" in h else "n/a"
+                     for h in (f["held_out"], f["held_out_c_0"]))
+    lines.append(f"| {v} | {a['a']:.4g} N^{a['b']:.4f} + {a['c']:.4f} | {f.get('c_identified', 'n/a')} | "
+                 f"{held} | {z['a']:.4g} N^{z['b']:.4f} |")
+  if "gap_slope_per_decade" in analysis:
+    bs = analysis["bootstrap_free_c"]["gaps"]
+    lines += [""] + [f"{v} - fp: slope {s:+.4f} nats per decade of N (95% interval "
+                     f"[{bs[v]['slope_interval'][0]:+.4f}, {bs[v]['slope_interval'][1]:+.4f}]); fitted gap at the "
+                     f"largest size 95% interval [{bs[v]['at_largest_interval'][0]:+.4f}, "
+                     f"{bs[v]['at_largest_interval'][1]:+.4f}]" for v, s in analysis["gap_slope_per_decade"].items()]
+  return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Main.
+# --------------------------------------------------------------------------------------------------------------
+def _write(path: Path, result: dict) -> None:
+  tmp = path.with_suffix(".json.tmp")   # whole file, then renamed: a killed run leaves the previous one intact
+  tmp.write_text(json.dumps(result, indent=2))
+  tmp.replace(path)
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+  parser.add_argument("--workdir", default="runs/scaling_v2", help="one folder per size, one run per (variant, lr)")
+  parser.add_argument("--out", default="experiments/results", help="where scaling_v2.json and .png go")
+  parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"of {VARIANTS}")
+  parser.add_argument("--sizes", nargs="+", default=None, help="of the ladder (default: all, smallest first)")
+  parser.add_argument("--tokens_per_param", type=float, default=10.0, help="k: training tokens = k x N")
+  parser.add_argument("--extend", type=int, default=None,
+                      help="grid extensions while the best rate is at an edge (default 6; --smoke 0)")
+  parser.add_argument("--eval_batches", type=int, default=1000,
+                      help="at most this many validation and test batches of 8 x 128 tokens (default: all)")
+  parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws per fit")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--smoke", action="store_true", help="tiny sizes and 4 steps per run: the same code path")
+  parser.add_argument("--report", action="store_true", help="fit and plot the recorded runs; train nothing")
+  args = parser.parse_args(argv)
+  ladder = SMOKE_LADDER if args.smoke else LADDER
+  args.extend = (0 if args.smoke else 6) if args.extend is None else args.extend
+  sizes = args.sizes or list(ladder)
+  if [v for v in args.variants if v not in VARIANTS] or len(set(args.variants)) < len(args.variants):
+    parser.error(f"--variants must be distinct names of {VARIANTS}, got {args.variants}")
+  if [s for s in sizes if s not in ladder]:
+    parser.error(f"--sizes must be of {tuple(ladder)}, got {sizes}")
+  if not args.tokens_per_param > 0 or args.eval_batches < 1 or args.extend < 0 or args.bootstrap < 1:
+    parser.error("--tokens_per_param, --eval_batches and --bootstrap must be positive, --extend non-negative")
+  sizes.sort(key=lambda s: list(ladder).index(s))
+  workdir, out = Path(args.workdir), Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  path = out / "scaling_v2.json"
+  setting = {"tokens_per_param": args.tokens_per_param, "batch": [4, 32] if args.smoke else [BATCH, SEQ],
+             "seed": args.seed, "smoke": args.smoke, "test_fraction": TEST_FRACTION, "ladder": ladder}
+  records = []
+  if path.exists():
+    old = json.loads(path.read_text())
+    if old.get("setting") == json.loads(json.dumps(setting)):
+      records = old["runs"]   # recorded runs are never trained again
+  n_of = {(v, s): count_params(train.model_config_from(run_config(v, ladder[s], 1, 1e-3, 0, args.smoke)))
+          for v in args.variants for s in sizes}
+  if not args.smoke:   # the largest run must see each training token at most once
+    corpus = data.load_corpus("stdlib", test_fraction=TEST_FRACTION)
+    worst = max(args.tokens_per_param * n_of[k]["non_embedding"] for k in n_of)
+    if worst > corpus.train.size:
+      parser.error(f"k x N = {worst:,.0f} tokens exceeds the training split's {corpus.train.size:,}: the data would "
+                   "repeat; lower --tokens_per_param or drop the largest sizes")
+  done = {v: {} for v in args.variants}
+  t0 = time.perf_counter()
+
+  def save():
+    _write(path, {"setting": setting, "runs": records, "done": {v: sorted(d) for v, d in done.items()},
+                  "wall_s_this_invocation": time.perf_counter() - t0})
+
+  cost = {k: n_of[k]["total"] * (4 if args.smoke else args.tokens_per_param * n_of[k]["non_embedding"])
+          for k in n_of}
+  grid_len = 2 if args.smoke else 3
+  with tqdm(total=sum(cost.values()) * grid_len, desc="scaling v2", unit="", unit_scale=True, dynamic_ncols=True,
+            bar_format="{l_bar}{bar}| {percentage:.0f}% [{elapsed}<{remaining}] {postfix}",
+            disable=args.report) as bar:
+    for s in sizes:
+      for v in args.variants:
+        n_next = n_of[(v, s)]["non_embedding"]
+        prior = [(done[v][t]["best"]["n_params"], done[v][t]["lr_star"]) for t in done[v]
+                 if done[v][t]["lr_star"] is not None]
+        if args.report:   # finished: an interior optimum, or every extension spent (a sweep still running
+          mine = [r for r in records if r["variant"] == v and r["size"] == s]   # may hold unfinished points)
+          opt = lr_optimum(mine) if mine else None
+          if opt and (opt["at_edge"] is None or len(mine) >= grid_len + args.extend):
+            done[v][s] = opt
+          continue
+        done[v][s] = sweep_point(workdir, v, s, ladder[s], grid_centre(v, prior, n_next), records, args, save, bar,
+                                 cost[(v, s)])
+        save()
+  chosen = selected(records, done, args.variants)
+  analysis = analyse(chosen, 20 if args.smoke else args.bootstrap, args.seed)
+  result = {"setting": setting, "runs": records, "done": {v: sorted(d) for v, d in done.items()},
+            "lr_optima": {v: {s: {k: o[k] for k in ("lr", "lr_star", "at_edge")} for s, o in d.items()}
+                          for v, d in done.items()},
+            "analysis": analysis, "wall_s_this_invocation": time.perf_counter() - t0,
+            "loss": "nats per byte, per-token (inference-mode) activation scales, test split"}
+  _write(path, result)
+  plot(records, chosen, analysis, out / "scaling_v2.png")
+  print(markdown(chosen, analysis))
+  print(f"\nwrote {path} and {out / 'scaling_v2.png'}")
+  return result
+
+
+if __name__ == "__main__":
+  cli.run("scaling_v2", main)
