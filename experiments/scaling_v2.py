@@ -29,7 +29,6 @@ The design (issue 18; it replaces experiments/scaling.py's fixed-token sweep onc
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import sys
@@ -54,14 +53,8 @@ from bitnet_jax import cli, data, generate, train, weights  # noqa: E402
 from bitnet_jax.model import count_params  # noqa: E402
 
 
-def _load(name: str):
-  spec = importlib.util.spec_from_file_location(f"experiments_{name}", Path(__file__).resolve().with_name(f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-scaling, lr_sweep, sf = _load("scaling"), _load("lr_sweep"), _load("scaling_fit")
+from experiments import lr_sweep, scaling  # noqa: E402  (experiments/ as a namespace package, from ROOT)
+from experiments import scaling_fit as sf  # noqa: E402
 
 VARIANTS = ("fp", "bitnet", "b158")
 # name: (d_model, n_layers, n_heads); N (non-embedding) from ~7K to ~330K
