@@ -89,14 +89,17 @@ def _minimise(logn, logl, loss_min, starts, delta, c) -> tuple[np.ndarray, float
   return best, best_f
 
 
-def fit(n, loss, *, c: float | None = None, delta: float = HUBER_DELTA, starts=None) -> dict:
+def fit(n, loss, *, c: float | None = None, delta: float = HUBER_DELTA, starts=None, screen: int | None = None) -> dict:
   """The best fit of L(N) = a N^b + c over the grid of starts: {"a", "b", "c", "objective", "c_fixed",
-  "c_at_bound"} (c_at_bound: the fitted c sits at either bound of its range, so the data do not pin it)."""
+  "c_at_bound"} (c_at_bound: the fitted c sits at either bound of its range, so the data do not pin it).
+  `screen`: optimise only from the grid's `screen` starts of lowest objective (a fast mode for smoke runs)."""
   n, loss = _check(n, loss)
   if c is not None and not 0 <= c < loss.min():
     raise ValueError(f"a fixed c must be in [0, the smallest loss {loss.min():.4g}), got {c!r}")
   logn, logl = np.log(n), np.log(loss)
-  theta, f = _minimise(logn, logl, loss.min(), _starts(loss, c) if starts is None else starts, delta, c)
+  if starts is None:
+    starts = _starts(loss, c) if screen is None else _screen(logn, logl, _starts(loss, c), c, screen, delta)
+  theta, f = _minimise(logn, logl, loss.min(), starts, delta, c)
   out = {"a": float(np.exp(theta[0])), "b": float(-theta[1]), "objective": f, "c_fixed": c is not None}
   if c is None:
     out["c"] = float(np.exp(theta[2]))
@@ -107,14 +110,14 @@ def fit(n, loss, *, c: float | None = None, delta: float = HUBER_DELTA, starts=N
   return out
 
 
-def held_out(n, loss, *, c: float | None = None) -> dict:
+def held_out(n, loss, *, c: float | None = None, screen: int | None = None) -> dict:
   """Fit on every size but the largest, predict the largest: predicted, measured, relative error."""
   n, loss = _check(n, loss)
   order = np.argsort(n)
   n, loss = n[order], loss[order]
   if len(np.unique(n[:-1])) < 3:
     return {"error": "fewer than 3 distinct sizes below the largest", "measured": float(loss[-1])}
-  f = fit(n[:-1], loss[:-1], c=c)
+  f = fit(n[:-1], loss[:-1], c=c, screen=screen)
   pred = float(law(n[-1], f["a"], f["b"], f["c"]))
   return {"n_params": float(n[-1]), "predicted": pred, "measured": float(loss[-1]),
           "relative_error": pred / float(loss[-1]) - 1.0}
@@ -136,13 +139,13 @@ def _interval(values) -> list[float] | None:
 
 
 def bootstrap(n, losses: dict, ses: dict | None = None, *, draws: int = 1000, seed: int = 0, c: float | None = None,
-              ref: str | None = "fp", min_sizes: int = 4) -> dict:
+              ref: str | None = "fp", min_sizes: int = 4, screen: int | None = None) -> dict:
   """Paired bootstrap over sizes. `n`: [S] sizes; `losses`: variant -> [S] losses at those sizes; `ses`:
   variant -> [S] standard errors (or None). Returns per variant the 95% intervals of a, b, c and of the loss
   predicted at the largest size; with `ref`, per other variant the intervals of its fitted gap to `ref` at the
   largest size and of the measured gap's slope per decade; and the count of draws kept and redrawn."""
   n = np.asarray(n, float)
-  full = {v: fit(n, l, c=c) for v, l in losses.items()}
+  full = {v: fit(n, l, c=c, screen=screen) for v, l in losses.items()}
   rng = np.random.default_rng(seed)
   samples = {v: [] for v in losses}
   gaps = {v: {"at_largest": [], "slope": []} for v in losses if ref is not None and v != ref and ref in losses}

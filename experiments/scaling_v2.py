@@ -223,7 +223,7 @@ def _paired_se(a: dict, b: dict) -> float:
   return math.hypot(a["test_loss_se"], b["test_loss_se"])
 
 
-def analyse(chosen: dict, draws: int, seed: int) -> dict:
+def analyse(chosen: dict, draws: int, seed: int, screen: int | None = None) -> dict:
   """Fits per variant (c free and c = 0), the held-out largest size, and the paired bootstrap over the sizes
   every variant has finished; gaps to fp per size, with the paired standard error over the same test sequences."""
   fits = {}
@@ -233,8 +233,9 @@ def analyse(chosen: dict, draws: int, seed: int) -> dict:
     if len(set(n)) < 3:
       fits[v] = {"sizes": len(rows), "note": "fewer than 3 sizes finished: no fit yet"}
       continue
-    fits[v] = {"sizes": len(rows), "free_c": sf.fit(n, loss), "c_0": sf.fit(n, loss, c=0.0),
-               "held_out": sf.held_out(n, loss), "held_out_c_0": sf.held_out(n, loss, c=0.0)}
+    fits[v] = {"sizes": len(rows), "free_c": sf.fit(n, loss, screen=screen),
+               "c_0": sf.fit(n, loss, c=0.0, screen=screen), "held_out": sf.held_out(n, loss, screen=screen),
+               "held_out_c_0": sf.held_out(n, loss, c=0.0, screen=screen)}
   common = sorted(set.intersection(*[{r["size"] for r in rows} for rows in chosen.values()])) if chosen else []
   by = {(r["variant"], r["size"]): r for rows in chosen.values() for r in rows}
   common.sort(key=lambda s: by[(next(iter(chosen)), s)]["n_params"])
@@ -252,7 +253,8 @@ def analyse(chosen: dict, draws: int, seed: int) -> dict:
     losses = {v: [by[(v, s)]["test_loss"] for s in common] for v in chosen}
     ses = {v: [by[(v, s)]["test_loss_se"] for s in common] for v in chosen}
     for c, key in ((None, "bootstrap_free_c"), (0.0, "bootstrap_c_0")):
-      bs = sf.bootstrap(n, losses, ses, draws=draws, seed=seed, c=c, ref="fp" if "fp" in chosen else None)
+      bs = sf.bootstrap(n, losses, ses, draws=draws, seed=seed, c=c, ref="fp" if "fp" in chosen else None,
+                        screen=screen)
       bs.pop("fits")
       out[key] = bs
     for v in chosen:
@@ -434,7 +436,7 @@ def main(argv=None) -> dict:
                                  cost[(v, s)])
         save()
   chosen = selected(records, done, args.variants)
-  analysis = analyse(chosen, 20 if args.smoke else args.bootstrap, args.seed)
+  analysis = analyse(chosen, 20 if args.smoke else args.bootstrap, args.seed, screen=10 if args.smoke else None)
   result = {"setting": setting, "runs": records, "done": {v: sorted(d) for v, d in done.items()},
             "lr_optima": {v: {s: {k: o[k] for k in ("lr", "lr_star", "at_edge")} for s, o in d.items()}
                           for v, d in done.items()},

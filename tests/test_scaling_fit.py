@@ -25,6 +25,14 @@ def test_fit_recovers_an_exact_law_from_the_grid_of_starts():
   assert not f["c_fixed"] and not f["c_at_bound"] and f["objective"] < 1e-9
 
 
+def test_screened_starts_reach_the_full_grids_optimum():
+  loss = sf.law(N, *FP) * (1 + 0.002 * np.sin(np.arange(6)))   # not exactly on the law: a real minimum
+  full, fast = sf.fit(N, loss), sf.fit(N, loss, screen=10)
+  assert fast["objective"] <= full["objective"] * (1 + 1e-3)         # the same minimum, to L-BFGS-B's tolerance
+  np.testing.assert_allclose(sf.law(N, fast["a"], fast["b"], fast["c"]), sf.law(N, full["a"], full["b"], full["c"]),
+                             rtol=1e-4)
+
+
 def test_one_outlier_moves_the_huber_fit_less_than_a_least_squares_fit():
   loss = sf.law(N, *FP)
   bad = loss.copy()
