@@ -42,8 +42,6 @@ import jax.numpy as jnp  # noqa: E402
 import matplotlib  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 matplotlib.use("Agg")
@@ -55,6 +53,7 @@ from bitnet_jax.model import count_params  # noqa: E402
 
 from experiments import lr_sweep, scaling  # noqa: E402  (experiments/ as a namespace package, from ROOT)
 from experiments import scaling_fit as sf  # noqa: E402
+from experiments.variants import _sequence_losses  # noqa: E402  (per-sequence mean loss, jitted)
 
 VARIANTS = ("fp", "bitnet", "b158")
 # name: (d_model, n_layers, n_heads); N (non-embedding) from ~7K to ~330K
@@ -88,12 +87,6 @@ def run_config(variant: str, size, tokens_per_param: float, lr: float, seed: int
 
 def _snap(lr: float) -> float:
   return LATTICE * 2.0 ** round(math.log2(lr / LATTICE))
-
-
-@nnx.jit
-def _sequence_losses(model, batch):
-  logits = model(batch[:, :-1])
-  return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean(axis=-1)
 
 
 def _split_losses(model, tokens, config, eval_batches: int) -> np.ndarray:
