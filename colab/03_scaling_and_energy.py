@@ -25,11 +25,11 @@
 # power law with an irreducible term, $L(N) = aN^b + c$, and reports that BitNet's gap to an FP Transformer
 # shrinks as $N$ grows; b1.58 (Table 1-2) reports that from 3B parameters it matches FP LLaMA.
 #
-# This notebook loads the results of our sweep (`experiments/scaling.py`: 6 sizes x {fp, bitnet, b158},
-# the same data, seed and token budget, trained on the embedded corpus on a 2-core CPU and committed in
-# `experiments/results/scaling.json`), re-fits the laws with 95% bootstrap bands, plots the gaps, and then
-# evaluates the papers' arithmetic-energy model (BitNet Tables 1-2) and memory model (b1.58 Table 1). Nothing
-# here trains; it runs in seconds anywhere.
+# This notebook loads the results of our sweep (`experiments/scaling.py`: 7 sizes x {fp, bitnet, b158}, each
+# point at its own variant's best learning rate, 10 training tokens per parameter, trained on the embedded
+# corpus on a 2-core CPU and committed in `experiments/results/scaling.json`), re-fits the laws with 95%
+# bootstrap bands, plots the gaps and the learning-rate curves, and then evaluates the papers' arithmetic-energy
+# model (BitNet Tables 1-2) and memory model (b1.58 Table 1). Nothing here trains; it runs in seconds anywhere.
 
 # %%
 # Install. On Colab: clones the repository and pip-installs bitnet_jax with its requirements (once per runtime,
@@ -82,9 +82,8 @@ print("repository:", ROOT)
 # %%
 import os
 
-SMALL = os.environ.get("BITNET_SMALL") == "1"   # set by the tests: a shrunken run (about a minute on 2 CPU cores)
+SMALL = os.environ.get("BITNET_SMALL") == "1"   # set by the tests: fewer bootstrap draws
 
-import importlib.util
 import json
 
 import matplotlib.pyplot as plt
@@ -92,74 +91,74 @@ import numpy as np
 from IPython.display import Markdown, display
 
 from bitnet_jax import energy
-
-spec = importlib.util.spec_from_file_location("scaling", os.path.join(ROOT, "experiments", "scaling.py"))
-scaling = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(scaling)   # law, fit_law: the functions the sweep itself fitted with
+from experiments import scaling_fit as sf   # the fit the sweep itself used (experiments/ from the checkout)
 # %matplotlib inline
 
 results = json.load(open(os.path.join(ROOT, "experiments", "results", "scaling.json")))
-runs = results["runs"]
-print(len(runs), "runs;", "tokens per run:", sorted({r["tokens"] for r in runs}))
-rows = ["| variant | size | N (non-embedding) | eval loss (nats/byte) | wall (s) |", "|---|---|---|---|---|"]
-for r in sorted(runs, key=lambda r: (r["variant"], r["n_params"])):
-  rows.append(f"| {r['variant']} | {r['size']} | {r['n_params']:,} | {r['eval_loss']:.4f} | {r['wall_s']:.0f} |")
+runs, setting = results["runs"], results["setting"]
+print(f"{len(runs)} runs ({sum(r['diverged'] for r in runs)} diverged); {setting['tokens_per_param']:g} training "
+      f"tokens per non-embedding parameter; finished points: " +
+      ", ".join(f"{v} {len(s)}" for v, s in results["done"].items()))
+VARIANTS = [v for v in ("fp", "bitnet", "b158") if results["done"].get(v)]
+
+
+def chosen(variant):
+  """The run chosen for each finished size: the learning rate with the best validation loss, N ascending."""
+  best = results["lr_optima"][variant]
+  rows = [r for r in runs if r["variant"] == variant and r["size"] in best and r["lr"] == best[r["size"]]["lr"]]
+  return sorted(rows, key=lambda r: r["n_params"])
+
+
+rows = ["| variant | size | N (non-embedding) | tokens | lr (best on validation) | test loss (nats/byte) |",
+        "|---|---|---|---|---|---|"]
+for v in VARIANTS:
+  for r in chosen(v):
+    rows.append(f"| {v} | {r['size']} | {r['n_params']:,} | {r['tokens']:,} | {r['lr']:.4g} | "
+                f"{r['test_loss']:.4f} +- {r['test_loss_se']:.4f} |")
 display(Markdown("\n".join(rows)))
 
 # %% [markdown]
 # ## Fitting $L(N) = aN^b + c$ with bootstrap bands
 #
-# Per variant: least squares (`scipy.optimize.curve_fit`, $a > 0$, $-3 < b < 0$, $0 \le c \le \min L$) on
-# the final eval loss against non-embedding parameters. The band is a 95% bootstrap: resample the runs (one
-# per size) with replacement, re-fit, and take the 2.5 and 97.5 percentiles of the fitted curves at every $N$.
-# The crosses are the held-out check: a fit on all sizes but the largest, predicting the largest.
+# Per variant: the Huber loss of log residuals from a grid of starts (`experiments/scaling_fit.py`, as in the
+# Chinchilla replication literature) on the test loss of each size's chosen run. The band is a paired 95%
+# bootstrap: resample the sizes with replacement (the same sizes for every variant), perturb each loss by its
+# standard error, re-fit, and take the 2.5 and 97.5 percentiles of the fitted curves at every $N$. The crosses
+# are the held-out check: a fit on all sizes but the largest, predicting the largest.
 
 # %%
-DRAWS = 100 if SMALL else 1000
+DRAWS = 30 if SMALL else 300
 COLORS = {"fp": "tab:blue", "bitnet": "tab:orange", "b158": "tab:red"}
 LABELS = {"fp": "FP (LLaMA-like)", "bitnet": "BitNet (W1A8)", "b158": "BitNet b1.58 (W1.58A8)"}
-
-
-def series(variant):
-  rows = sorted((r for r in runs if r["variant"] == variant), key=lambda r: r["n_params"])
-  return np.array([r["n_params"] for r in rows], float), np.array([r["eval_loss"] for r in rows], float)
-
-
-def band(n, loss, grid, draws, seed=0):
-  rng, curves = np.random.default_rng(seed), []
-  for _ in range(50 * draws):
-    if len(curves) == draws:
-      break
-    idx = np.sort(rng.integers(0, len(n), len(n)))
-    if len(set(idx.tolist())) < min(4, len(n)):   # a 3-parameter fit needs 4 distinct sizes to say much
-      continue
-    try:
-      curves.append(scaling.law(grid, *scaling.fit_law(n[idx], loss[idx])))
-    except (RuntimeError, ValueError):
-      continue
-  return np.percentile(curves, [2.5, 97.5], axis=0)
-
+sizes = sorted(set.intersection(*[{r["size"] for r in chosen(v)} for v in VARIANTS]),
+               key=lambda s: chosen("fp")[[r["size"] for r in chosen("fp")].index(s)]["n_params"])
+pick = {v: {r["size"]: r for r in chosen(v)} for v in VARIANTS}
+n = np.array([pick["fp"][s]["n_params"] for s in sizes], float)
+loss = {v: np.array([pick[v][s]["test_loss"] for s in sizes]) for v in VARIANTS}
+se = {v: np.array([pick[v][s]["test_loss_se"] for s in sizes]) for v in VARIANTS}
+boot = sf.bootstrap(n, loss, se, draws=DRAWS, seed=0, keep_samples=True, screen=10 if SMALL else None)
 
 fig, ax = plt.subplots(figsize=(8, 5))
-refit = {}
-for variant in ("fp", "bitnet", "b158"):
-  n, loss = series(variant)
-  a, b, c = scaling.fit_law(n, loss)
-  refit[variant] = (a, b, c)
-  grid = np.geomspace(n.min() * 0.8, n.max() * 1.25, 80)
-  lo, hi = band(n, loss, grid, DRAWS)
-  ax.fill_between(grid, lo, hi, color=COLORS[variant], alpha=0.15)
-  ax.plot(grid, scaling.law(grid, a, b, c), color=COLORS[variant], label=f"{LABELS[variant]}: {a:.3g} N^{b:.3f} + {c:.3f}")
-  ax.scatter(n, loss, color=COLORS[variant], zorder=3)
-  held = scaling.law(n[-1], *scaling.fit_law(n[:-1], loss[:-1]))
-  ax.scatter([n[-1]], [held], marker="x", s=80, color=COLORS[variant], zorder=4)
-  committed = results["fits"][variant]
-  print(f"{variant:7s} a={a:.4g} b={b:.4f} c={c:.4f} (committed b={committed['b']:.4f}); "
-        f"held-out largest: predicted {held:.4f}, measured {loss[-1]:.4f}")
+grid = np.geomspace(n.min() * 0.8, n.max() * 1.25, 80)
+for v in VARIANTS:
+  f = boot["fits"][v]
+  curves = np.array([sf.law(grid, *abc) for abc in boot["samples"][v]])
+  lo, hi = np.percentile(curves, [2.5, 97.5], axis=0)
+  ax.fill_between(grid, lo, hi, color=COLORS[v], alpha=0.15)
+  ax.plot(grid, sf.law(grid, f["a"], f["b"], f["c"]), color=COLORS[v],
+          label=f"{LABELS[v]}: {f['a']:.3g} N^{f['b']:.3f} + {f['c']:.3f}")
+  ax.errorbar(n, loss[v], yerr=2 * se[v], fmt="o", color=COLORS[v], zorder=3)
+  held = sf.held_out(n, loss[v], screen=10 if SMALL else None)
+  ax.scatter([n[-1]], [held["predicted"]], marker="x", s=80, color=COLORS[v], zorder=4)
+  committed = results["analysis"]["fits"][v]["free_c"]
+  print(f"{v:7s} a={f['a']:.4g} b={f['b']:.4f} c={f['c']:.4f} (committed b={committed['b']:.4f}); b 95% "
+        f"[{boot['intervals'][v]['b'][0]:.3f}, {boot['intervals'][v]['b'][1]:.3f}], c 95% "
+        f"[{boot['intervals'][v]['c'][0]:.3f}, {boot['intervals'][v]['c'][1]:.3f}]; held-out largest: predicted "
+        f"{held['predicted']:.4f}, measured {held['measured']:.4f} ({held['relative_error']:+.1%})")
 ax.set_xscale("log")
 ax.set_xlabel("non-embedding parameters N (log scale)")
-ax.set_ylabel("final eval loss (nats per byte)")
-ax.set_title("L(N) = a N^b + c at a fixed token budget, 95% bootstrap bands (x: held-out prediction)")
+ax.set_ylabel("test loss (nats per byte), +-2 s.e.")
+ax.set_title("L(N) = a N^b + c at tuned learning rates, 95% bootstrap bands (x: held-out prediction)")
 ax.grid(alpha=0.3, which="both")
 ax.legend(fontsize=8)
 plt.show()
@@ -167,25 +166,53 @@ plt.show()
 # %% [markdown]
 # ## The gap to FP, size by size
 #
-# The papers' claim is a positive gap (quantised loss above FP) that shrinks towards zero as $N$ grows. The
-# slope below is the least-squares change of each gap per decade of $N$; read it with the sizes' spread in
-# mind: six points on one seed.
+# The papers' claim is a positive gap (quantised loss above FP) that shrinks towards zero as $N$ grows. Each
+# gap's error bar is two paired standard errors: the two models are scored on the same test sequences, so the
+# sequences' own spread in difficulty cancels. The slope is the least-squares change of the gap per decade of
+# $N$, with its bootstrap interval; one seed per point, so training noise is part of the scatter.
 
 # %%
-n_fp, loss_fp = series("fp")
 fig, ax = plt.subplots(figsize=(7, 4))
-for variant in ("bitnet", "b158"):
-  n, loss = series(variant)
-  gap = loss - loss_fp
-  slope = np.polyfit(np.log10(n), gap, 1)[0]
-  ax.plot(n, gap, "o-", color=COLORS[variant], label=f"{LABELS[variant]} - FP (slope {slope:+.3f} per decade)")
+for v in VARIANTS:
+  if v == "fp":
+    continue
+  d = [np.subtract(pick[v][s]["test_sequence_losses"], pick["fp"][s]["test_sequence_losses"]) for s in sizes]
+  gap = np.array([x.mean() for x in d])
+  paired_se = np.array([x.std(ddof=1) / np.sqrt(len(x)) for x in d])
+  lo, hi = boot["gaps"][v]["slope_interval"]
+  ax.errorbar(n, gap, yerr=2 * paired_se, fmt="o-", color=COLORS[v],
+              label=f"{LABELS[v]} - FP: {sf.gap_slope(n, gap):+.3f} per decade (95% [{lo:+.3f}, {hi:+.3f}])")
 ax.axhline(0, color="k", lw=0.8)
 ax.set_xscale("log")
 ax.set_xlabel("non-embedding parameters N (log scale)")
-ax.set_ylabel("eval loss gap to FP (nats per byte)")
-ax.set_title("Quantised minus FP eval loss (below 0: the quantised model is ahead)")
+ax.set_ylabel("test loss gap to FP (nats per byte)")
+ax.set_title("Quantised minus FP test loss (below 0: the quantised model is ahead)")
 ax.grid(alpha=0.3, which="both")
 ax.legend(fontsize=8)
+plt.show()
+
+# %% [markdown]
+# ## The learning-rate curves behind each point
+#
+# Every size's grid of learning rates per variant (a factor-2 grid around a predicted optimum, extended until
+# the best rate is inside it); the chosen rate is the one with the lowest validation loss. Each variant's
+# optimum moves with $N$, and quantised models prefer rates several times FP's: a sweep at the recipes' fixed
+# rates would compare untuned FP with untuned BitNet.
+
+# %%
+fig, axes = plt.subplots(1, len(VARIANTS), figsize=(5 * len(VARIANTS), 4), sharey=True)
+order = sorted({r["size"] for r in runs})
+for ax, v in zip(np.atleast_1d(axes), VARIANTS):
+  for k, size in enumerate(order):
+    pts = sorted((r for r in runs if r["variant"] == v and r["size"] == size and not r["diverged"]),
+                 key=lambda r: r["lr"])
+    if pts:
+      ax.plot([r["lr"] for r in pts], [r["val_loss"] for r in pts], "o-", ms=3,
+              color=plt.get_cmap("viridis")(k / max(len(order) - 1, 1)), label=size)
+  ax.set(xscale="log", xlabel="peak learning rate", title=LABELS[v])
+  ax.grid(alpha=0.3, which="both")
+np.atleast_1d(axes)[0].set_ylabel("validation loss (nats per byte)")
+np.atleast_1d(axes)[0].legend(fontsize=7, ncol=2)
 plt.show()
 
 # %% [markdown]
@@ -239,5 +266,6 @@ display(Markdown("\n".join(rows)))
 
 # %% [markdown]
 # Where the numbers above disagree with the papers, the README says by how much and why; nothing here is
-# tuned to agree. To extend the sweep (more sizes, seeds or tokens), run `python experiments/scaling.py
-# --help` in a checkout: it resumes and skips finished runs.
+# tuned to agree. To extend the sweep (more sizes, variants or tokens per parameter), run
+# `python experiments/scaling.py --help` in a checkout: it resumes from the results file and never retrains a
+# recorded run.

@@ -10,10 +10,10 @@ rate than its FP16 counterpart to converge, and stays stable at learning rates w
 follows it: FAQ Table 2 (section "2. BitNet b1.58" of PAPERS.md) gives b1.58 a peak of 1.5e-3 against LLaMA's 2.5e-4
 at 700M, 6x higher.
 
-Trains one size of `experiments/scaling.py` (`--size`, default s1: d_model 64, 2 layers, 4 heads) per variant
+Trains one size of `experiments/sizes.py` (`--size`, default s1: d_model 64, 2 layers, 4 heads) per variant
 (`--variants`, default fp and b158; bitnet allowed) at each peak learning rate of `--lrs` (default 10 values, 2.5e-4 to
 0.128 in factors of 2: 512x around the recipes' own 2.5e-4 (fp) and 1.5e-3 (b158)). Every run is
-`scaling.run_config` (the variant's `-small` recipe at this size and the scaling sweep's token budget, data order,
+`sizes.run_config` (the variant's `-small` recipe at this size and the fixed 1.2M-token budget, data order,
 seed and warmup) with only the learning rate changed: the whole schedule is scaled by `lr / recipe lr` (the b158
 second-stage peak `lr2`, and fp's cosine end value 0.1 x lr, move with it; warmup length, weight decay coefficient,
 Adam and clipping are untouched; AdamW multiplies the decay by the current LR, as in every recipe). A run whose
@@ -31,7 +31,6 @@ and prints a markdown table and a sentence for the README.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import re
@@ -53,22 +52,14 @@ from bitnet_jax import cli, train  # noqa: E402
 from bitnet_jax.model import count_params  # noqa: E402
 
 
-def _load_scaling():
-  """experiments/scaling.py, by path (experiments/ is not a package): its sizes, variants and `run_config`."""
-  spec = importlib.util.spec_from_file_location("experiments_scaling", Path(__file__).resolve().with_name("scaling.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-scaling = _load_scaling()
+from experiments import sizes  # noqa: E402  (experiments/ as a namespace package, from ROOT)
 
 LRS = tuple(2.5e-4 * 2 ** k for k in range(10))       # 2.5e-4 ... 0.128: 512x
 SMOKE_LRS = (1e-3, 4e-3, 1.6e-2)
 DEFAULT_VARIANTS = ("fp", "b158")
 TOLERANCE = 0.02                                      # nats per byte: "as good as the best" within this
-TOKENS = 1_200_000                                    # the scaling sweep's budget per run
-SMOKE_TOKENS = 4 * 32 * 4                             # 4 steps of the smoke batch (4 x 32), as scaling.py --smoke
+TOKENS = sizes.TOKENS                                 # the fixed-token runs' budget, 1.2M
+SMOKE_TOKENS = 4 * 32 * 4                             # 4 steps of the smoke batch (4 x 32), as sizes.SMOKE_*
 LABELS = {"fp": "FP (LLaMA-like)", "bitnet": "BitNet (W1A8)", "b158": "BitNet b1.58 (W1.58A8)"}
 COLORS = {"fp": "tab:blue", "bitnet": "tab:orange", "b158": "tab:red"}
 
@@ -91,9 +82,9 @@ def check_lrs(lrs) -> list[float]:
 
 def check_variants(variants) -> list[str]:
   variants = list(variants)
-  unknown = [v for v in variants if v not in scaling.VARIANTS]
+  unknown = [v for v in variants if v not in sizes.VARIANTS]
   if unknown or not variants:
-    raise ValueError(f"--variants must be a non-empty subset of {scaling.VARIANTS}, got {variants}")
+    raise ValueError(f"--variants must be a non-empty subset of {sizes.VARIANTS}, got {variants}")
   if len(set(variants)) < len(variants):
     raise ValueError(f"--variants must be distinct, got {variants}")
   return variants
@@ -196,7 +187,7 @@ def _diverged(summary: dict, uniform_loss: float) -> tuple[bool, str | None]:
 def run_sweep(workdir: Path, size: tuple[int, int, int], variants: list[str], lrs: list[float], tokens: int,
               seed: int, smoke: bool) -> list[dict]:
   """Trains (or finds finished) every (variant, lr) run; returns one record per run, lr-major."""
-  plan = [(v, lr, with_lr(scaling.run_config(v, size, tokens, seed, smoke), lr)) for lr in lrs for v in variants]
+  plan = [(v, lr, with_lr(sizes.run_config(v, size, tokens, seed, smoke), lr)) for lr in lrs for v in variants]
   cost = {id(c): count_params(train.model_config_from(c))["total"] * c.train.steps for _, _, c in plan}  # ~FLOPs
   runs = []
   with tqdm(total=sum(cost.values()), desc="lr sweep", unit="", unit_scale=True, dynamic_ncols=True,
@@ -337,9 +328,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--out", default=None, help="where lr_sweep.json and lr_sweep.png go; default "
                                                   "experiments/results (--smoke: the workdir, so the committed "
                                                   "results stay)")
-  parser.add_argument("--size", default="s1", choices=list(scaling.SIZES),
-                      help="model size from experiments/scaling.py SIZES (default s1: d_model 64, 2 layers, 4 heads)")
-  parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), help=f"of {scaling.VARIANTS}")
+  parser.add_argument("--size", default="s1", choices=list(sizes.SIZES),
+                      help="model size from experiments/sizes.py SIZES (default s1: d_model 64, 2 layers, 4 heads)")
+  parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), help=f"of {sizes.VARIANTS}")
   parser.add_argument("--lrs", nargs="+", type=float, default=None,
                       help=f"peak learning rates (default {', '.join(f'{x:.3g}' for x in LRS)}; --smoke: "
                            f"{', '.join(f'{x:.3g}' for x in SMOKE_LRS)})")
@@ -354,7 +345,7 @@ def main(argv=None) -> dict:
       raise ValueError(f"--tokens must be positive, got {args.tokens}")
   except ValueError as e:
     parser.error(str(e))
-  size_name, size = ("smoke-s1", scaling.SMOKE_SIZES["s1"]) if args.smoke else (args.size, scaling.SIZES[args.size])
+  size_name, size = ("smoke-s1", sizes.SMOKE_SIZES["s1"]) if args.smoke else (args.size, sizes.SIZES[args.size])
   tokens = SMOKE_TOKENS if args.smoke else args.tokens
   workdir = Path(args.workdir or ("runs/lr_sweep-smoke" if args.smoke else "runs/lr_sweep"))
   out = Path(args.out or (workdir if args.smoke else "experiments/results"))
@@ -363,7 +354,7 @@ def main(argv=None) -> dict:
   t0 = time.perf_counter()
   runs = run_sweep(workdir, size, variants, lrs, tokens, args.seed, args.smoke)
   optima = {v: optimum(runs, v) for v in variants}
-  recipe_lr = {v: scaling.run_config(v, size, tokens, args.seed, args.smoke).optim.lr for v in variants}
+  recipe_lr = {v: sizes.run_config(v, size, tokens, args.seed, args.smoke).optim.lr for v in variants}
   n_params = {v: next(r["n_params"] for r in runs if r["variant"] == v) for v in variants}
   n_text = ", ".join(f"{n:,} ({v})" for v, n in n_params.items())
   setting = (f"size {size_name} (d_model {size[0]}, {size[1]} layer{'s' * (size[1] != 1)}, {size[2]} heads; "

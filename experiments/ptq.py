@@ -1,11 +1,13 @@
 """experiments/ptq: PTQ of the FP runs vs QAT, BitNet Table 3 (train -> experiments).
 
-    .venv/bin/python experiments/ptq.py                        # on the finished runs of experiments/scaling.py
-    .venv/bin/python experiments/ptq.py --workdir runs/scaling --out experiments/results
+    .venv/bin/python experiments/ptq.py --train                # trains the fixed-token runs first (~2 h, 2 cores)
+    .venv/bin/python experiments/ptq.py --workdir runs/fixed_tokens --out experiments/results   # on finished runs
     .venv/bin/python experiments/ptq.py --smoke                # trains tiny fp / b158 / bitnet runs itself, ~1 min
 
 The shape of BitNet (2310.11453) Table 3, which quantises a trained FP16 model after training (absmax W8A8,
-W4A4, W1A8; SmoothQuant; GPTQ, QuIP) and compares it with BitNet trained at 1 bit, on our scaling sweep: for
+W4A4, W1A8; SmoothQuant; GPTQ, QuIP) and compares it with BitNet trained at 1 bit, on the fixed-token runs of
+`experiments/sizes.py` (sizes s0-s5, 1.2M training tokens each at the recipes' learning rates: the first scaling
+sweep's runs, which the committed results come from; `--train` trains the missing ones into the workdir): for
 every size whose `fp-<size>` run has finished, the trained FP model is restored (`train.load_checkpoint`) and
 quantised after training with the same quantisers training uses (`bitnet_jax.quant`):
 
@@ -32,7 +34,6 @@ for the README.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import sys
@@ -52,15 +53,17 @@ import flax  # noqa: E402
 import jax  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import ml_collections  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bitnet_jax import cli, data, quant, sharding, train  # noqa: E402
 from bitnet_jax.layers import BitLinear  # noqa: E402
+from experiments import sizes  # noqa: E402  (experiments/ as a namespace package, from ROOT)
 
 ACT_BITS = 8          # activations of every PTQ method: 8 bits, absmax per token
 FP_CHECK_TOL = 1e-4   # |re-measured FP loss - summary eval_loss| allowed, nats
 SMOKE_SIZES = ("s1",)   # one size: the smoke is mostly the XLA compiles of its three runs (~15 s each)
-SMOKE_TOKENS = 4 * 32 * 150   # 150 steps of scaling.py's smoke batches (4 x 32): enough to learn past init
+SMOKE_TOKENS = 4 * 32 * 150   # 150 steps of the smoke batches (4 x 32): enough to learn past init
 
 # method: (label, weight bits, act bits, weight fake-quantiser (kernel, layer) -> kernel, what it is)
 PTQ = {
@@ -84,14 +87,6 @@ MAX_DISTINCT = {"w8a8": 255, "w4a8": 15, "w1.58a8": 3, "w1a8": 2}
 # BitNet (2310.11453) Table 3, 6.7B models: perplexity (PAPERS.md section 1); its Absmax rows are W8A8, W4A4, W1A8
 PAPER_TABLE3_PPL = {"FP16": 15.19, "8-bit Absmax (W8A8)": 21.43, "4-bit Absmax (W4A4)": 4.8e4,
                     "1-bit Absmax (W1A8)": 3.5e23, "1-bit BitNet (QAT, W1A8)": 17.07}
-
-
-def _load_scaling():
-  """experiments/scaling.py as a module (experiments/ is not a package)."""
-  spec = importlib.util.spec_from_file_location("experiments_scaling", ROOT / "experiments" / "scaling.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -190,21 +185,21 @@ def _restore(run: Path):
 def find_sizes(workdir: Path) -> tuple[list[str], dict[str, str]]:
   """(sizes with a finished fp run, {size: why skipped}) for the `fp-<size>` runs in `workdir`."""
   if not workdir.is_dir():
-    raise ValueError(f"--workdir {str(workdir)!r} does not exist: expected the workdir of experiments/scaling.py "
+    raise ValueError(f"--workdir {str(workdir)!r} does not exist: expected a workdir of fixed-token runs "
                      "(subdirectories fp-<size>, b158-<size>, bitnet-<size>); or run with --smoke")
-  sizes, skipped = [], {}
+  found, skipped = [], {}
   for run in sorted(workdir.glob("fp-*")):
     size = run.name[len("fp-"):]
     why = _finished(run)
     if why is None:
-      sizes.append(size)
+      found.append(size)
     else:
       skipped[size] = why
-  if not sizes:
+  if not found:
     raise ValueError(f"--workdir {str(workdir)!r} has no finished fp-<size> run (a subdirectory with config.json, "
                      f"summary.json and its final checkpoint); found: {sorted(skipped) or 'no fp-* directory'}. "
-                     "Run experiments/scaling.py first, or use --smoke")
-  return sizes, skipped
+                     "Train them with --train, or use --smoke")
+  return found, skipped
 
 
 def evaluate_size(workdir: Path, size: str, evaluator: Evaluator) -> dict:
@@ -247,17 +242,15 @@ def evaluate_size(workdir: Path, size: str, evaluator: Evaluator) -> dict:
   return row
 
 
-def train_smoke(workdir: Path, seed: int) -> None:
-  """Tiny fp, b158 and bitnet runs of `SMOKE_SIZES` into `workdir` (finished runs are skipped)."""
-  scaling = _load_scaling()
-  for size in SMOKE_SIZES:
-    for variant in ("fp", "b158", "bitnet"):
-      config = scaling.run_config(variant, scaling.SMOKE_SIZES[size], SMOKE_TOKENS, seed, smoke=True)
-      run = workdir / f"{variant}-{size}"
-      summary_path = run / "summary.json"
-      if summary_path.exists() and json.loads(summary_path.read_text()).get("steps") == config.train.steps:
-        continue
-      train.train_and_evaluate(config, run, progress=False)
+def train_runs(workdir: Path, seed: int, smoke: bool) -> None:
+  """The fp, b158 and bitnet runs of every size (`sizes.SIZES` at `sizes.TOKENS`; smoke: `SMOKE_SIZES`, tiny)
+  into `workdir/<variant>-<size>`, smallest first; finished runs are skipped, interrupted ones resume."""
+  names = SMOKE_SIZES if smoke else tuple(sizes.SIZES)
+  table, tokens = (sizes.SMOKE_SIZES, SMOKE_TOKENS) if smoke else (sizes.SIZES, sizes.TOKENS)
+  plan = [(size, variant) for size in names for variant in ("fp", "b158", "bitnet")]
+  for size, variant in tqdm(plan, desc="ptq: training the runs", disable=smoke):
+    config = sizes.run_config(variant, table[size], tokens, seed, smoke=smoke)
+    sizes.train_or_find(config, workdir / f"{variant}-{size}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -289,8 +282,8 @@ def plot(rows: list[dict], out: Path) -> None:
 
 def markdown(rows: list[dict]) -> str:
   fmt = lambda b: "FP32" if b == 32 else f"{b:g}"
-  sizes = " | ".join(f"{r['size']} (N={r['n_params']:,})" for r in rows)
-  lines = [f"| method | weight bits | act bits | {sizes} |",
+  header = " | ".join(f"{r['size']} (N={r['n_params']:,})" for r in rows)
+  lines = [f"| method | weight bits | act bits | {header} |",
            "|---|---|---|" + "---|" * len(rows)]
   for method in METHODS:
     w, a = BITS[method]
@@ -311,16 +304,20 @@ def main(argv=None) -> dict:
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog=__doc__.split("\n\n", 1)[1] + "\n--debug shows the traceback of an error")
   parser.add_argument("--workdir", default=None,
-                      help="the scaling sweep's workdir (default runs/scaling; with --smoke a temporary folder)")
+                      help="the fixed-token runs <variant>-<size> (default runs/fixed_tokens; with --smoke a "
+                           "temporary folder)")
   parser.add_argument("--out", default=None,
                       help="where ptq.json and ptq.png go (default experiments/results; with --smoke the workdir, "
                            "so a smoke run never overwrites the real results)")
   parser.add_argument("--eval-batches", type=int, default=None,
                       help="eval batches per model (default: each run's own config.data.eval_batches, which makes "
                            "the numbers comparable with the runs' summaries; otherwise QAT runs are re-measured)")
-  parser.add_argument("--seed", type=int, default=0, help="seed of the --smoke runs")
+  parser.add_argument("--seed", type=int, default=0, help="seed of the runs --train or --smoke trains")
+  parser.add_argument("--train", action="store_true",
+                      help=f"first train the missing fp / b158 / bitnet runs of sizes {', '.join(sizes.SIZES)} "
+                           f"({sizes.TOKENS:,} tokens each; about 2 hours on 2 CPU cores) into the workdir")
   parser.add_argument("--smoke", action="store_true",
-                      help=f"first train tiny fp / b158 / bitnet runs (scaling.py smoke size {', '.join(SMOKE_SIZES)}, "
+                      help=f"first train tiny fp / b158 / bitnet runs (smoke size {', '.join(SMOKE_SIZES)}, "
                            f"{SMOKE_TOKENS:,} tokens each) into the workdir: about a minute on 2 CPU cores")
   args = parser.parse_args(argv)
   if args.eval_batches is not None and args.eval_batches < 1:
@@ -328,13 +325,15 @@ def main(argv=None) -> dict:
   t0 = time.perf_counter()
   if args.smoke:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ptq-smoke-"))
-    train_smoke(workdir, args.seed)
+    train_runs(workdir, args.seed, smoke=True)
   else:
-    workdir = Path(args.workdir or "runs/scaling")
+    workdir = Path(args.workdir or "runs/fixed_tokens")
+    if args.train:
+      train_runs(workdir, args.seed, smoke=False)
   out = Path(args.out or (workdir if args.smoke else "experiments/results"))
-  sizes, skipped = find_sizes(workdir)
+  found, skipped = find_sizes(workdir)
   evaluator = Evaluator(args.eval_batches)
-  rows = sorted((evaluate_size(workdir, size, evaluator) for size in sizes), key=lambda r: r["n_params"])
+  rows = sorted((evaluate_size(workdir, size, evaluator) for size in found), key=lambda r: r["n_params"])
   result = {
       "source": "BitNet (2310.11453) Table 3: post-training quantisation of an FP model vs BitNet trained at 1 bit",
       "rows": rows, "skipped_sizes": skipped, "workdir": str(workdir), "smoke": args.smoke,

@@ -1,20 +1,34 @@
-"""experiments/scaling: L(N) = a N^b + c for BitNet, BitNet b1.58 and the FP baseline (train -> experiments).
+"""experiments/scaling: L(N) of fp, BitNet and b1.58, each point at its own tuned learning rate (-> experiments).
 
-    .venv/bin/python experiments/scaling.py                    # the default sweep, about 2 hours on 2 CPU cores
-    .venv/bin/python experiments/scaling.py --smoke            # the same code path in under 2 minutes
+    .venv/bin/python experiments/scaling.py            # 7 sizes x 3 variants x ~3.5 rates + 1 seed: ~2 h
+    .venv/bin/python experiments/scaling.py --smoke    # the same code path, tiny
+    .venv/bin/python experiments/scaling.py --report   # fits and plots of the runs recorded so far
 
-Trains every size in `SIZES` (6 sizes, about 57x in non-embedding parameters) in three variants (fp, bitnet,
-b158) on the embedded corpus (the standard library's source, byte level) through `train.train_and_evaluate`,
-with the same data order, seed and token budget for every run: a fixed number of training tokens per run
-(`--tokens`), so the curves are L(N) at fixed data, not compute-optimal ones. Each run lives in
-`WORKDIR/<variant>-<size>`, resumes if interrupted, and is skipped once finished.
-
-Fits, per variant, `L(N) = a * N^b + c` (scipy `curve_fit`) to the final eval loss in nats per byte against
-non-embedding parameters N, with 95% bootstrap intervals for a, b, c (resampling the sizes' runs with
-replacement; a resample with fewer than 4 distinct sizes, or whose fit fails, is redrawn), and a held-out check
-(fit on all sizes but the largest, predict the largest). Reports the bitnet-fp and b158-fp gaps per size and the
-slope of each gap against log10 N. Writes `OUT/scaling.json` and `OUT/scaling.png`, and prints the tables for
-the README.
+The design (the first, fixed-token sweep with recipe learning rates is in git history before this file):
+  * Data grows with the model: every run trains on k x N tokens (N: non-embedding parameters, k =
+    `--tokens_per_param`, default 10), batch 8 x 128, from the embedded corpus without repeating data (the
+    largest run must fit in the training split once; checked). Sizes: `LADDER`, 7 sizes over ~47x in N.
+  * Learning rate per variant and size: a factor-2 grid of 3 around a predicted optimum (the first size: our
+    committed learning-rate sweep's optimum at s1; then a line through log lr* against log N of the sizes done,
+    or the previous size's lr* with only one), extended by one step while the best run sits at an edge (up to
+    `--extend` times). lr* is the vertex of a parabola through the best run and its two neighbours in log2(lr).
+    Every run is recorded, diverged ones too.
+  * Selection apart from reporting: the corpus holds out a test split by file (`data.test_fraction`, 2%) beside
+    validation; the learning rate is chosen on the validation loss, and the fits use the chosen run's test loss.
+  * Evaluation in the papers' inference mode: losses are per-token (`generate.inference_form(model, "dense")`:
+    BitNet's activation absmax per token, not per batch), with the standard error over test sequences; BitNet's
+    training-mode (per-tensor) test loss is recorded beside it.
+  * Fits (`experiments/scaling_fit.py`): Huber on log residuals from a grid of starts, c free and c fixed at 0,
+    paired bootstrap intervals (sizes resampled, losses perturbed by their s.e.), the held-out largest size, and
+    each quantised variant's gap to fp with its slope per decade.
+  * Training noise: the chosen learning rate of every point is trained again at `--seeds` - 1 more seeds
+    (default 2 seeds in all). A point's loss is the mean over its seeds, and its standard error adds the
+    between-seed variance (pooled over the variant's points) to the test sequences' sampling error; the gaps'
+    paired errors add both variants'. One seed alone understates the error several times at these sizes.
+  * Mechanics: every finished run is written to OUT/scaling.json at once (atomically); a run recorded there
+    is never trained again, even without its run directory, so the sweep resumes across sessions from the
+    committed file. `done` in the file says which (variant, size) points' grids are finished, `seeds` which
+    seeds each point has. Plot and tables: `experiments/scaling_report.py`.
 """
 
 from __future__ import annotations
@@ -26,243 +40,384 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))   # run from a checkout: configs/ sits at the repository root
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from scipy.optimize import curve_fit  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from bitnet_jax import cli, train  # noqa: E402
+from bitnet_jax import cli, data, generate, train, weights  # noqa: E402
 from bitnet_jax.model import count_params  # noqa: E402
-from configs import lm  # noqa: E402
+from experiments import lr_sweep, sizes  # noqa: E402  (experiments/ as a namespace package, from ROOT)
+from experiments import scaling_fit as sf  # noqa: E402
+from experiments.scaling_report import markdown, plot  # noqa: E402
+from experiments.variants import _sequence_losses  # noqa: E402  (per-sequence mean loss, jitted)
 
 VARIANTS = ("fp", "bitnet", "b158")
-# name: (d_model, n_layers, n_heads)
-SIZES = {
-    "s0": (48, 2, 4),
-    "s1": (64, 2, 4),
-    "s2": (96, 3, 4),
-    "s3": (128, 3, 4),
-    "s4": (192, 4, 4),
-    "s5": (256, 4, 4),
-}
-SMOKE_SIZES = {"s1": (32, 1, 2), "s2": (48, 1, 2), "s3": (64, 2, 4)}
-SEQ_LEN, BATCH = 128, 16
+# name: (d_model, n_layers, n_heads); N (non-embedding) from ~7K to ~330K
+LADDER = {"t0": (24, 1, 2), "t1": (32, 1, 2), "t2": (32, 2, 2), "t3": (48, 2, 4), "t4": (64, 2, 4),
+          "t5": (64, 3, 4), "t6": (96, 3, 4)}
+SMOKE_LADDER = {"t0": (16, 1, 2), "t1": (24, 1, 2), "t2": (32, 1, 2), "t3": (32, 2, 2)}
+BATCH, SEQ = 8, 128
+# The first size's grid centre: the committed learning-rate sweep's optimum at s1 (experiments/results/
+# lr_sweep.json: fp 0.004, b158 0.032; variants.json: b158 0.016); BitNet is not in that sweep: b158's.
+FIRST_LR = {"fp": 4e-3, "bitnet": 1.6e-2, "b158": 1.6e-2}
+LATTICE = 1e-3     # every learning rate is 1e-3 x 2^k, so grids of neighbouring sizes share points
+TEST_FRACTION = 0.02
 
 
-def law(n: np.ndarray, a: float, b: float, c: float) -> np.ndarray:
-  """L(N) = a N^b + c."""
-  return a * np.power(n, b) + c
-
-
-def run_config(variant: str, size: tuple[int, int, int], tokens: int, seed: int, smoke: bool):
-  """The training config of one run: the variant's `-small` recipe with this size and the sweep's budget."""
-  d_model, n_layers, n_heads = size
-  config = lm.get_config(lm.config_name(variant, "small"))   # any model variant (experiments/variants.py)
-  config.name = f"{variant}-d{d_model}-l{n_layers}"
-  config.model.d_model, config.model.n_layers = d_model, n_layers
-  config.model.n_heads = config.model.n_kv_heads = n_heads
-  config.model.d_ff = 4 * d_model if variant == "bitnet" else 64 * math.ceil(8 * d_model / 3 / 64)
-  batch, seq = (4, 32) if smoke else (BATCH, SEQ_LEN)
-  steps = max(tokens // (batch * seq), 2)
+# --------------------------------------------------------------------------------------------------------------
+# Runs.
+# --------------------------------------------------------------------------------------------------------------
+def run_config(variant: str, size, tokens_per_param: float, lr: float, seed: int, smoke: bool):
+  """One run: the variant's `-small` recipe at `size`, k x N tokens (smoke: 4 steps), batch 8 x 128, test split."""
+  config = sizes.run_config(variant, size, 1, seed, smoke)
+  n = count_params(train.model_config_from(config))["non_embedding"]
+  batch, seq = (4, 32) if smoke else (BATCH, SEQ)
+  steps = 4 if smoke else max(int(round(tokens_per_param * n / (batch * seq))), 10)
   config.train.batch_size, config.train.seq_len, config.train.steps = batch, seq, steps
-  config.model.max_seq_len = max(config.model.max_seq_len, seq)
   config.train.eval_every = config.train.checkpoint_every = steps if smoke else max(steps // 4, 1)
   config.train.log_every = max(steps // 20, 1)
-  config.train.seed = seed
   config.optim.warmup_steps = max(steps // 10, 1)
-  if smoke:
-    config.data.eval_batches = 1
-  return config
+  config.data.test_fraction = TEST_FRACTION
+  return lr_sweep.with_lr(config, lr)
 
 
-def _model_cfg(config):
-  return train.model_config_from(config)
+def _snap(lr: float) -> float:
+  return LATTICE * 2.0 ** round(math.log2(lr / LATTICE))
 
 
-def run_sweep(workdir: Path, sizes: dict, tokens: int, seed: int, smoke: bool) -> list[dict]:
-  """Trains (or finds finished) every run; returns one record per run."""
-  plan = [(v, name, run_config(v, size, tokens, seed, smoke)) for name, size in sizes.items() for v in VARIANTS]
-  cost = {id(c): count_params(_model_cfg(c))["total"] * c.train.steps for _, _, c in plan}   # ~FLOPs for the ETA
-  runs = []
-  with tqdm(total=sum(cost.values()), desc="scaling sweep", unit="", unit_scale=True, dynamic_ncols=True,
-            bar_format="{l_bar}{bar}| {percentage:.0f}% [{elapsed}<{remaining}] {postfix}") as bar:
-    for variant, name, config in plan:
-      run_dir = workdir / f"{variant}-{name}"
-      bar.set_postfix_str(f"{variant}-{name}")
-      summary_path = run_dir / "summary.json"
-      done = summary_path.exists() and json.loads(summary_path.read_text()).get("steps") == config.train.steps
-      summary = json.loads(summary_path.read_text()) if done else train.train_and_evaluate(config, run_dir,
-                                                                                           progress=False)
-      params = count_params(_model_cfg(config))
-      runs.append({"variant": variant, "size": name, "n_params": params["non_embedding"],
-                   "n_params_total": params["total"], "eval_loss": summary["eval_loss"],
-                   "tokens": summary["tokens"], "wall_s": summary["wall_s"], "workdir": str(run_dir),
-                   "config": {"d_model": config.model.d_model, "n_layers": config.model.n_layers,
-                              "n_heads": config.model.n_heads, "d_ff": config.model.d_ff,
-                              "steps": config.train.steps, "batch_size": config.train.batch_size,
-                              "seq_len": config.train.seq_len, "lr": config.optim.lr, "seed": config.train.seed}})
-      bar.update(cost[id(config)])
-  return runs
+def _split_losses(model, tokens, config, eval_batches: int) -> np.ndarray:
+  batches = data.eval_batches(tokens, batch_size=config.train.batch_size, seq_len=config.train.seq_len,
+                              max_batches=eval_batches)
+  return np.concatenate([np.asarray(_sequence_losses(model, jnp.asarray(b))) for b in batches])
 
 
-def fit_law(n: np.ndarray, loss: np.ndarray) -> tuple[float, float, float]:
-  """Least-squares fit of a N^b + c, started from a power law through the extremes with c below the minimum."""
-  c0 = float(loss.min()) * 0.9
-  b0 = float(np.log((loss[-1] - c0) / (loss[0] - c0)) / np.log(n[-1] / n[0])) if len(n) > 1 else -0.3
-  b0 = b0 if np.isfinite(b0) and b0 < 0 else -0.3
-  a0 = float((loss[0] - c0) / n[0] ** b0)
-  # Bounds: a > 0, -3 < b < 0 (loss falls with N), 0 <= c <= min loss (the irreducible loss is a loss).
-  hi_c = float(loss.min())
-  p0 = (max(a0, 1e-12), min(max(b0, -2.9), -1e-6), min(max(c0, 0.0), hi_c))
-  (a, b, c), _ = curve_fit(law, n, loss, p0=p0, bounds=([0.0, -3.0, 0.0], [np.inf, 0.0, hi_c]), maxfev=20000)
-  return float(a), float(b), float(c)
+def _mean_se(losses: np.ndarray) -> tuple[float, float]:
+  return float(losses.mean()), float(losses.std(ddof=1) / math.sqrt(len(losses)))
 
 
-def bootstrap(n: np.ndarray, loss: np.ndarray, draws: int, seed: int) -> dict:
-  """95% intervals of (a, b, c), resampling the runs (one per size) with replacement."""
-  rng = np.random.default_rng(seed)
-  samples, failed = [], 0
-  while len(samples) < draws and failed < 20 * draws:
-    idx = np.sort(rng.integers(0, len(n), len(n)))
-    if len(set(idx.tolist())) < min(4, len(n)):
-      failed += 1
-      continue
-    try:
-      samples.append(fit_law(n[idx], loss[idx]))
-    except (RuntimeError, ValueError, FloatingPointError):
-      failed += 1
-  arr = np.asarray(samples)
-  out = {key: [float(np.percentile(arr[:, i], 2.5)), float(np.percentile(arr[:, i], 97.5))] if len(arr) else None
-         for i, key in enumerate("abc")}
-  out["draws"], out["rejected"] = len(arr), failed
+def evaluate(run_dir: Path, eval_batches: int) -> dict:
+  """Validation and test losses of a finished run in inference mode (per-token activation scales), with their
+  standard errors over sequences; BitNet's training-mode (per-tensor) test loss beside them."""
+  model, config = weights.load_checkpoint(run_dir)
+  corpus = data.load_corpus(config.data.source, valid_fraction=config.data.valid_fraction,
+                            test_fraction=config.data.test_fraction, text_key=config.data.text_key,
+                            tokenizer=config.data.tokenizer)
+  inference = generate.inference_form(model, "dense", "unrolled")
+  out = {}
+  for split, tokens in (("val", corpus.valid), ("test", corpus.test)):
+    losses = _split_losses(inference, tokens, config, eval_batches)
+    out[f"{split}_loss"], out[f"{split}_loss_se"] = _mean_se(losses)
+    out[f"{split}_tokens"] = int(losses.size * config.train.seq_len)
+  if config.model.variant == "bitnet":
+    out["test_loss_train_mode"], _ = _mean_se(_split_losses(model, corpus.test, config, eval_batches))
+  out["test_sequence_losses"] = [round(float(x), 4) for x in losses]   # paired gaps between variants
   return out
 
 
-def analyse(runs: list[dict], draws: int, seed: int) -> tuple[dict, list[dict]]:
+def _seed(record: dict, args) -> int:
+  return record.get("seed", args.seed)   # runs recorded before replicates existed are the base seed's
+
+
+def train_point(workdir: Path, variant: str, size_name: str, size, lr: float, args, seed: int | None = None) -> dict:
+  """Trains (or finds finished on disk) one (variant, size, lr, seed) run and evaluates it; its record."""
+  seed = args.seed if seed is None else seed
+  config = run_config(variant, size, args.tokens_per_param, lr, seed, args.smoke)
+  run_dir = workdir / size_name / (f"{variant}-lr{lr:.4g}" + ("" if seed == args.seed else f"-seed{seed}"))
+  summary = lr_sweep._finished(run_dir, config.train.steps)
+  if summary is None:
+    lr_sweep._check_same_run(run_dir, config)
+    summary = lr_sweep._train_one(config, run_dir)
+  diverged, reason = lr_sweep._diverged(summary, math.log(config.model.vocab_size))
+  params = count_params(train.model_config_from(config))
+  record = {"variant": variant, "size": size_name, "d_model": size[0], "n_layers": size[1], "n_heads": size[2],
+            "n_params": params["non_embedding"], "n_params_total": params["total"], "lr": lr, "seed": seed,
+            "tokens": config.train.steps * config.train.batch_size * config.train.seq_len,
+            "steps": config.train.steps, "diverged": diverged, "reason": reason, "wall_s": summary["wall_s"],
+            "val_loss_train_mode": None if diverged else summary["eval_loss"]}
+  if not diverged:
+    record |= evaluate(run_dir, 2 if args.smoke else args.eval_batches)
+  return record
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Learning rates.
+# --------------------------------------------------------------------------------------------------------------
+def lr_optimum(runs: list[dict]) -> dict:
+  """The best run on validation loss among one (variant, size)'s runs; `at_edge`: "low" / "high" when it is the
+  smallest / largest learning rate tried (a larger one that diverged closes the high edge: None; all diverged:
+  "low"); lr*: the vertex
+  of the parabola in log2(lr) through the best run and its two neighbours (the best run's lr without both)."""
+  ok = sorted((r for r in runs if not r["diverged"]), key=lambda r: r["lr"])
+  if not ok:   # every rate diverged: look lower
+    return {"lr": None, "lr_star": None, "at_edge": "low", "best": None}
+  i = min(range(len(ok)), key=lambda j: ok[j]["val_loss"])
+  lrs = sorted(r["lr"] for r in runs)
+  at_edge = "low" if ok[i]["lr"] == lrs[0] else "high" if ok[i]["lr"] == lrs[-1] else None
+  lr_star = ok[i]["lr"]
+  if 0 < i < len(ok) - 1:
+    x = np.log2([ok[j]["lr"] for j in (i - 1, i, i + 1)])
+    a, b, _ = np.polyfit(x, [ok[j]["val_loss"] for j in (i - 1, i, i + 1)], 2)
+    if a > 0:
+      lr_star = float(2.0 ** np.clip(-b / (2 * a), x[0], x[2]))
+  return {"lr": ok[i]["lr"], "lr_star": lr_star, "at_edge": at_edge, "best": ok[i]}
+
+
+def grid_centre(variant: str, done: list[tuple[float, float]], n_next: float) -> float:
+  """The next size's grid centre from the sizes done (`done`: [(N, lr*)], N ascending): FIRST_LR with none, the
+  lr* of the one, else the least-squares line through log lr* against log N at `n_next`, kept within a factor 2
+  of the last size's lr* (the sizes are about 2x apart; a line through noisy optima must not run away)."""
+  if not done:
+    return FIRST_LR[variant]
+  last = done[-1][1]
+  if len(done) == 1:
+    return last
+  slope, icpt = np.polyfit(np.log([d[0] for d in done]), np.log([d[1] for d in done]), 1)
+  return float(np.clip(np.exp(icpt + slope * np.log(n_next)), last / 2, last * 2))
+
+
+def sweep_point(workdir, variant, size_name, size, centre, records, args, save, bar, cost) -> dict:
+  """Every run of one (variant, size): the grid around `centre`, extended while the best sits at an edge."""
+  grid = [_snap(centre) * f for f in ((1.0, 2.0) if args.smoke else (0.5, 1.0, 2.0))]
+  mine = lambda: [r for r in records
+                  if r["variant"] == variant and r["size"] == size_name and _seed(r, args) == args.seed]
+  for extension in range(args.extend + 1):
+    for lr in grid:
+      if not any(math.isclose(r["lr"], lr) for r in mine()):
+        bar.set_postfix_str(f"{size_name} {variant} lr {lr:.4g}")
+        records.append(train_point(workdir, variant, size_name, size, lr, args))
+        save()
+      bar.update(cost)
+    opt = lr_optimum(mine())
+    if opt["at_edge"] is None or extension == args.extend:
+      return opt
+    lrs = sorted(r["lr"] for r in mine())
+    grid = [lrs[-1] * 2] if opt["at_edge"] == "high" else [lrs[0] / 2]   # "low": also when all diverged
+    bar.total += cost
+  return opt
+
+
+def replicate_point(workdir, variant, size_name, size, opt, records, args, save, bar, cost) -> None:
+  """The chosen learning rate of one (variant, size) trained again at seeds base + 1 ... base + seeds - 1."""
+  for seed in range(args.seed + 1, args.seed + args.seeds):
+    if opt["lr"] is not None and not any(r["variant"] == variant and r["size"] == size_name and _seed(r, args) == seed
+                                         and math.isclose(r["lr"], opt["lr"]) for r in records):
+      bar.set_postfix_str(f"{size_name} {variant} lr {opt['lr']:.4g} seed {seed}")
+      records.append(train_point(workdir, variant, size_name, size, opt["lr"], args, seed=seed))
+      save()
+    bar.update(cost)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Analysis.
+# --------------------------------------------------------------------------------------------------------------
+def merge_seeds(runs: list[dict]) -> dict:
+  """One point from the runs of one (variant, size, lr) at several seeds (the first is the base seed's, which
+  chose the rate): test loss and per-sequence losses averaged over the seeds that did not diverge, the seeds'
+  own test losses beside; `test_loss_se_sequences` is the test sequences' sampling error of the mean."""
+  ok = [r for r in runs if not r["diverged"]]
+  seqs = np.mean([r["test_sequence_losses"] for r in ok], axis=0)
+  se = float(seqs.std(ddof=1) / math.sqrt(len(seqs)))
+  return {**runs[0], "seeds": [r["seed"] if "seed" in r else None for r in ok],
+          "seeds_diverged": [r.get("seed") for r in runs if r["diverged"]],
+          "test_loss_by_seed": [r["test_loss"] for r in ok], "test_loss": float(np.mean([r["test_loss"] for r in ok])),
+          "test_loss_se_sequences": se, "test_loss_se": se, "test_sequence_losses": [round(float(x), 4) for x in seqs]}
+
+
+def seed_variance(points: list[dict]) -> dict:
+  """The between-seed variance of the test loss, pooled over the points that have two seeds or more (the test
+  sequences are the same for every seed, so this is training noise alone): {"var", "dof", "points"}."""
+  many = [p["test_loss_by_seed"] for p in points if len(p["test_loss_by_seed"]) > 1]
+  dof = sum(len(x) - 1 for x in many)
+  var = sum(float(np.var(x, ddof=1)) * (len(x) - 1) for x in many) / dof if dof else None
+  return {"var": var, "dof": dof, "points": len(many)}
+
+
+def selected(records: list[dict], done: dict, variants, base_seed: int = 0) -> tuple[dict, dict]:
+  """(variant -> the chosen point per finished size, N ascending; variant -> its pooled seed variance). A point
+  is the best base-seed run on validation merged with its replicates (`merge_seeds`); with a pooled seed
+  variance, its standard error is sqrt(sequence s.e.^2 + seed variance / seeds)."""
+  out, noise = {}, {}
+  for v in variants:
+    rows = []
+    for s, opt in done[v].items():
+      if opt["best"] is None:
+        continue
+      reps = [r for r in records if r["variant"] == v and r["size"] == s and math.isclose(r["lr"], opt["best"]["lr"])
+              and r.get("seed", base_seed) != base_seed]
+      rows.append(merge_seeds([opt["best"], *sorted(reps, key=lambda r: r["seed"])]))
+    noise[v] = seed_variance(rows)
+    for p in rows:
+      p["seed_var_pooled"] = noise[v]["var"]
+      if noise[v]["var"] is not None:
+        p["test_loss_se"] = math.sqrt(p["test_loss_se_sequences"] ** 2 + noise[v]["var"] / len(p["seeds"]))
+    out[v] = sorted(rows, key=lambda r: r["n_params"])
+  return out, noise
+
+
+def _paired_se(a: dict, b: dict) -> float:
+  """Standard error of a's test loss minus b's over the same sequences (the sequences' own spread in difficulty
+  cancels), plus each point's training noise (pooled seed variance / its seeds) where measured; without both
+  sequence lists, that of independent losses."""
+  x, y = a.get("test_sequence_losses"), b.get("test_sequence_losses")
+  if not (x and y and len(x) == len(y)):
+    return math.hypot(a["test_loss_se"], b["test_loss_se"])
+  d = np.subtract(x, y)
+  var = float(d.var(ddof=1) / len(d))
+  for p in (a, b):
+    if p.get("seed_var_pooled") is not None:
+      var += p["seed_var_pooled"] / len(p.get("seeds") or [None])
+  return math.sqrt(var)
+
+
+def analyse(chosen: dict, draws: int, seed: int, screen: int | None = None) -> dict:
+  """Fits per variant (c free and c = 0), the held-out largest size, and the paired bootstrap over the sizes
+  every variant has finished; gaps to fp per size, with the paired standard error over the same test sequences."""
   fits = {}
-  for variant in VARIANTS:
-    rows = sorted((r for r in runs if r["variant"] == variant), key=lambda r: r["n_params"])
-    n = np.asarray([r["n_params"] for r in rows], float)
-    loss = np.asarray([r["eval_loss"] for r in rows], float)
-    entry = {"sizes": len(rows)}
-    try:
-      a, b, c = fit_law(n, loss)
-      entry.update(a=a, b=b, c=c, intervals=bootstrap(n, loss, draws, seed))
-    except (RuntimeError, ValueError) as e:
-      entry["error"] = f"fit failed: {e}"
-    try:
-      if len(n) < 4:
-        raise ValueError(f"{len(n) - 1} sizes left: a 3-parameter fit needs at least 3 and a check needs a 4th")
-      ha, hb, hc = fit_law(n[:-1], loss[:-1])
-      entry["held_out"] = {"n_params": float(n[-1]), "predicted": float(law(n[-1], ha, hb, hc)),
-                           "measured": float(loss[-1])}
-    except (RuntimeError, ValueError) as e:
-      entry["held_out"] = {"error": f"fit failed: {e}", "measured": float(loss[-1])}
-    # the loss used, for the record
-    entry["loss"] = "final eval loss, nats per byte"
-    fits[variant] = entry
-  gaps = []
-  by = {(r["variant"], r["size"]): r for r in runs}
-  for size in sorted({r["size"] for r in runs}, key=lambda s: by[("fp", s)]["n_params"]):
-    fp = by[("fp", size)]["eval_loss"]
-    gaps.append({"size": size, "n_params": by[("fp", size)]["n_params"],
-                 **{f"{v}_minus_fp": by[(v, size)]["eval_loss"] - fp for v in ("bitnet", "b158")}})
-  return fits, gaps
-
-
-def gap_trend(gaps: list[dict]) -> dict:
-  """Slope of each gap (variant loss - fp loss) against log10 N. A positive gap with a negative slope shrinks with
-  scale, as the papers report; a negative gap (the quantised model ahead) with a negative slope grows."""
-  x = np.log10([g["n_params"] for g in gaps])
-  return {key: float(np.polyfit(x, [g[key] for g in gaps], 1)[0]) for key in ("bitnet_minus_fp", "b158_minus_fp")}
-
-
-def plot(runs: list[dict], fits: dict, out: Path) -> None:
-  fig, ax = plt.subplots(figsize=(7.5, 4.8))
-  colors = {"fp": "tab:blue", "bitnet": "tab:orange", "b158": "tab:red"}
-  labels = {"fp": "FP (LLaMA-like)", "bitnet": "BitNet (W1A8)", "b158": "BitNet b1.58 (W1.58A8)"}
-  for variant in VARIANTS:
-    rows = sorted((r for r in runs if r["variant"] == variant), key=lambda r: r["n_params"])
-    n = np.asarray([r["n_params"] for r in rows], float)
-    ax.scatter(n, [r["eval_loss"] for r in rows], color=colors[variant], zorder=3, label=labels[variant])
-    f = fits[variant]
-    if "a" in f:
-      grid = np.geomspace(n.min() * 0.8, n.max() * 1.25, 100)
-      ax.plot(grid, law(grid, f["a"], f["b"], f["c"]), color=colors[variant], lw=1.5,
-              label=f"fit: {f['a']:.3g} N^{f['b']:.3f} + {f['c']:.3f}")
-    h = f.get("held_out", {})
-    if "predicted" in h:
-      ax.scatter([h["n_params"]], [h["predicted"]], marker="x", s=80, color=colors[variant], zorder=4,
-                 label=f"{variant}: held-out prediction of the largest")
-  ax.set_xscale("log")
-  ax.set_xlabel("non-embedding parameters N (log scale)")
-  ax.set_ylabel("final eval loss (nats per byte)")
-  ax.set_title("Scaling at a fixed token budget: L(N) = a N^b + c")
-  ax.grid(alpha=0.3, which="both")
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(out, dpi=130)
-  plt.close(fig)
-
-
-def markdown(runs: list[dict], fits: dict, gaps: list[dict], trend: dict) -> str:
-  lines = ["| size | N (non-emb.) | fp | bitnet | b158 | bitnet - fp | b158 - fp |", "|---|---|---|---|---|---|---|"]
-  by = {(r["variant"], r["size"]): r for r in runs}
-  for g in gaps:
-    s = g["size"]
-    lines.append(f"| {s} | {g['n_params']:,} | {by[('fp', s)]['eval_loss']:.4f} | "
-                 f"{by[('bitnet', s)]['eval_loss']:.4f} | {by[('b158', s)]['eval_loss']:.4f} | "
-                 f"{g['bitnet_minus_fp']:+.4f} | {g['b158_minus_fp']:+.4f} |")
-  lines += ["", f"gap slope per decade of N: bitnet - fp {trend['bitnet_minus_fp']:+.4f}, "
-                f"b158 - fp {trend['b158_minus_fp']:+.4f} (the papers' claim: a positive gap that falls toward 0 with N)", "",
-            "| variant | a | b | c | b 95% interval | held-out largest: predicted / measured |", "|---|---|---|---|---|---|"]
-  for v, f in fits.items():
-    if "a" not in f:
-      lines.append(f"| {v} | fit failed | | | | |")
+  for v, rows in chosen.items():
+    n = [r["n_params"] for r in rows]
+    loss = [r["test_loss"] for r in rows]
+    if len(set(n)) < 3:
+      fits[v] = {"sizes": len(rows), "note": "fewer than 3 sizes finished: no fit yet"}
       continue
-    bi = f["intervals"]["b"]
-    h = f["held_out"]
-    held = f"{h['predicted']:.4f} / {h['measured']:.4f}" if "predicted" in h else f"failed / {h['measured']:.4f}"
-    lines.append(f"| {v} | {f['a']:.4g} | {f['b']:.4f} | {f['c']:.4f} | "
-                 f"{'n/a' if bi is None else f'[{bi[0]:.3f}, {bi[1]:.3f}]'} | {held} |")
-  return "\n".join(lines)
+    fits[v] = {"sizes": len(rows), "free_c": sf.fit(n, loss, screen=screen),
+               "c_0": sf.fit(n, loss, c=0.0, screen=screen), "held_out": sf.held_out(n, loss, screen=screen),
+               "held_out_c_0": sf.held_out(n, loss, c=0.0, screen=screen)}
+  common = sorted(set.intersection(*[{r["size"] for r in rows} for rows in chosen.values()])) if chosen else []
+  by = {(r["variant"], r["size"]): r for rows in chosen.values() for r in rows}
+  common.sort(key=lambda s: by[(next(iter(chosen)), s)]["n_params"])
+  gaps = []
+  for s in common:
+    if "fp" not in chosen:
+      break
+    ref = by[("fp", s)]
+    gaps.append({"size": s, "n_params": ref["n_params"], **{
+        f"{v}_minus_fp": by[(v, s)]["test_loss"] - ref["test_loss"] for v in chosen if v != "fp"}, **{
+        f"{v}_minus_fp_se": _paired_se(by[(v, s)], ref) for v in chosen if v != "fp"}})
+  out = {"fits": fits, "gaps": gaps, "common_sizes": common}
+  if len(common) >= 4:
+    n = [by[("fp" if "fp" in chosen else next(iter(chosen)), s)]["n_params"] for s in common]
+    losses = {v: [by[(v, s)]["test_loss"] for s in common] for v in chosen}
+    ses = {v: [by[(v, s)]["test_loss_se"] for s in common] for v in chosen}
+    for c, key in ((None, "bootstrap_free_c"), (0.0, "bootstrap_c_0")):
+      bs = sf.bootstrap(n, losses, ses, draws=draws, seed=seed, c=c, ref="fp" if "fp" in chosen else None,
+                        screen=screen)
+      bs.pop("fits")
+      out[key] = bs
+    for v in chosen:
+      iv = out["bootstrap_free_c"]["intervals"][v]["c"]
+      if v in fits and "free_c" in fits[v]:
+        fits[v]["c_identified"] = sf.c_identified(iv, min(losses[v]))
+    if "fp" in chosen:
+      out["gap_slope_per_decade"] = {v: sf.gap_slope(n, np.subtract(losses[v], losses["fp"])) for v in chosen
+                                     if v != "fp"}
+  return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Main.
+# --------------------------------------------------------------------------------------------------------------
+def _write(path: Path, result: dict) -> None:
+  tmp = path.with_suffix(".json.tmp")   # whole file, then renamed: a killed run leaves the previous one intact
+  tmp.write_text(json.dumps(result, indent=2))
+  tmp.replace(path)
 
 
 def main(argv=None) -> dict:
   argv = cli.strip_debug(sys.argv[1:] if argv is None else argv)
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter,
                                    epilog="--debug shows the traceback of an error")
-  parser.add_argument("--workdir", default="runs/scaling", help="one subdirectory per run (resumable)")
+  parser.add_argument("--workdir", default="runs/scaling", help="one folder per size, one run per (variant, lr)")
   parser.add_argument("--out", default="experiments/results", help="where scaling.json and scaling.png go")
-  parser.add_argument("--tokens", type=int, default=1_200_000, help="training tokens per run (every run)")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples per fit")
-  parser.add_argument("--smoke", action="store_true", help="tiny sizes and budget: the same code path, < 2 min")
+  parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"of {VARIANTS}")
+  parser.add_argument("--sizes", nargs="+", default=None, help="of the ladder (default: all, smallest first)")
+  parser.add_argument("--tokens_per_param", type=float, default=10.0, help="k: training tokens = k x N")
+  parser.add_argument("--extend", type=int, default=None,
+                      help="grid extensions while the best rate is at an edge (default 6; --smoke 0)")
+  parser.add_argument("--eval_batches", type=int, default=1000,
+                      help="at most this many validation and test batches of 8 x 128 tokens (default: all)")
+  parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws per fit")
+  parser.add_argument("--seed", type=int, default=0, help="the seed whose runs choose the learning rate")
+  parser.add_argument("--seeds", type=int, default=None,
+                      help="seeds per point: the chosen rate is retrained at seed+1 ... (default 2; --smoke 1)")
+  parser.add_argument("--smoke", action="store_true", help="tiny sizes and 4 steps per run: the same code path")
+  parser.add_argument("--report", action="store_true", help="fit and plot the recorded runs; train nothing")
   args = parser.parse_args(argv)
-  sizes, tokens = (SMOKE_SIZES, 4 * 32 * 4) if args.smoke else (SIZES, args.tokens)
-  if tokens < 1:
-    parser.error("--tokens must be positive")
+  ladder = SMOKE_LADDER if args.smoke else LADDER
+  args.extend = (0 if args.smoke else 6) if args.extend is None else args.extend
+  args.seeds = (1 if args.smoke else 2) if args.seeds is None else args.seeds
+  sizes = args.sizes or list(ladder)
+  if [v for v in args.variants if v not in VARIANTS] or len(set(args.variants)) < len(args.variants):
+    parser.error(f"--variants must be distinct names of {VARIANTS}, got {args.variants}")
+  if [s for s in sizes if s not in ladder]:
+    parser.error(f"--sizes must be of {tuple(ladder)}, got {sizes}")
+  if not args.tokens_per_param > 0 or min(args.eval_batches, args.bootstrap, args.seeds) < 1 or args.extend < 0:
+    parser.error("--tokens_per_param, --eval_batches, --bootstrap and --seeds must be positive, --extend "
+                 "non-negative")
+  sizes.sort(key=lambda s: list(ladder).index(s))
   workdir, out = Path(args.workdir), Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
+  path = out / "scaling.json"
+  setting = {"tokens_per_param": args.tokens_per_param, "batch": [4, 32] if args.smoke else [BATCH, SEQ],
+             "seed": args.seed, "smoke": args.smoke, "test_fraction": TEST_FRACTION, "ladder": ladder}
+  records = []
+  if path.exists():
+    old = json.loads(path.read_text())
+    if old.get("setting") == json.loads(json.dumps(setting)):
+      records = old["runs"]   # recorded runs are never trained again
+  n_of = {(v, s): count_params(train.model_config_from(run_config(v, ladder[s], 1, 1e-3, 0, args.smoke)))
+          for v in args.variants for s in sizes}
+  if not args.smoke:   # the largest run must see each training token at most once
+    corpus = data.load_corpus("stdlib", test_fraction=TEST_FRACTION)
+    worst = max(args.tokens_per_param * n_of[k]["non_embedding"] for k in n_of)
+    if worst > corpus.train.size:
+      parser.error(f"k x N = {worst:,.0f} tokens exceeds the training split's {corpus.train.size:,}: the data would "
+                   "repeat; lower --tokens_per_param or drop the largest sizes")
+  done = {v: {} for v in args.variants}
   t0 = time.perf_counter()
-  runs = run_sweep(workdir, sizes, tokens, args.seed, args.smoke)
-  fits, gaps = analyse(runs, 50 if args.smoke else args.bootstrap, args.seed)
-  trend = gap_trend(gaps)
-  result = {"runs": runs, "fits": fits, "gaps": gaps, "gap_slope_per_decade": trend, "tokens_per_run": tokens,
-            "smoke": args.smoke, "corpus": "stdlib (byte level)", "sweep_wall_s": time.perf_counter() - t0,
-            "bootstrap": "resample the sizes' runs with replacement (one seed per run)"}
-  (out / "scaling.json").write_text(json.dumps(result, indent=2))
-  plot(runs, fits, out / "scaling.png")
-  print(markdown(runs, fits, gaps, trend))
-  print(f"\nwrote {out / 'scaling.json'} and {out / 'scaling.png'}")
+
+  def save():
+    _write(path, {"setting": setting, "runs": records, "done": {v: sorted(d) for v, d in done.items()},
+                  "wall_s_this_invocation": time.perf_counter() - t0})
+
+  cost = {k: n_of[k]["total"] * (4 if args.smoke else args.tokens_per_param * n_of[k]["non_embedding"])
+          for k in n_of}
+  grid_len = 2 if args.smoke else 3
+  with tqdm(total=sum(cost.values()) * (grid_len + args.seeds - 1), desc="scaling", unit="", unit_scale=True,
+            dynamic_ncols=True,
+            bar_format="{l_bar}{bar}| {percentage:.0f}% [{elapsed}<{remaining}] {postfix}",
+            disable=args.report) as bar:
+    for s in sizes:
+      for v in args.variants:
+        n_next = n_of[(v, s)]["non_embedding"]
+        prior = [(done[v][t]["best"]["n_params"], done[v][t]["lr_star"]) for t in done[v]
+                 if done[v][t]["lr_star"] is not None]
+        if args.report:   # finished: an interior optimum, or every extension spent (a sweep still running
+          mine = [r for r in records if r["variant"] == v and r["size"] == s   # may hold unfinished points)
+                  and _seed(r, args) == args.seed]
+          opt = lr_optimum(mine) if mine else None
+          if opt and (opt["at_edge"] is None or len(mine) >= grid_len + args.extend):
+            done[v][s] = opt
+          continue
+        done[v][s] = sweep_point(workdir, v, s, ladder[s], grid_centre(v, prior, n_next), records, args, save, bar,
+                                 cost[(v, s)])
+        save()
+        replicate_point(workdir, v, s, ladder[s], done[v][s], records, args, save, bar, cost[(v, s)])
+  chosen, noise = selected(records, done, args.variants, args.seed)
+  analysis = analyse(chosen, 20 if args.smoke else args.bootstrap, args.seed, screen=10 if args.smoke else None)
+  analysis["seed_noise"] = {v: {**x, "sd": None if x["var"] is None else math.sqrt(x["var"])} for v, x in noise.items()}
+  result = {"setting": setting, "runs": records, "done": {v: sorted(d) for v, d in done.items()},
+            "seeds": {v: {p["size"]: p["seeds"] for p in rows} for v, rows in chosen.items()},
+            "lr_optima": {v: {s: {k: o[k] for k in ("lr", "lr_star", "at_edge")} for s, o in d.items()}
+                          for v, d in done.items()},
+            "analysis": analysis, "wall_s_this_invocation": time.perf_counter() - t0,
+            "loss": "nats per byte, per-token (inference-mode) activation scales, test split"}
+  _write(path, result)
+  plot(records, chosen, analysis, out / "scaling.png", base_seed=args.seed)
+  print(markdown(chosen, analysis))
+  print(f"\nwrote {path} and {out / 'scaling.png'}")
   return result
 
 

@@ -139,11 +139,13 @@ def _interval(values) -> list[float] | None:
 
 
 def bootstrap(n, losses: dict, ses: dict | None = None, *, draws: int = 1000, seed: int = 0, c: float | None = None,
-              ref: str | None = "fp", min_sizes: int = 4, screen: int | None = None) -> dict:
+              ref: str | None = "fp", min_sizes: int = 4, screen: int | None = None,
+              keep_samples: bool = False) -> dict:
   """Paired bootstrap over sizes. `n`: [S] sizes; `losses`: variant -> [S] losses at those sizes; `ses`:
   variant -> [S] standard errors (or None). Returns per variant the 95% intervals of a, b, c and of the loss
   predicted at the largest size; with `ref`, per other variant the intervals of its fitted gap to `ref` at the
-  largest size and of the measured gap's slope per decade; and the count of draws kept and redrawn."""
+  largest size and of the measured gap's slope per decade; and the count of draws kept and redrawn.
+  `keep_samples`: also every draw's (a, b, c) per variant, under "samples" (for bands of the fitted curve)."""
   n = np.asarray(n, float)
   full = {v: fit(n, l, c=c, screen=screen) for v, l in losses.items()}
   rng = np.random.default_rng(seed)
@@ -183,4 +185,6 @@ def bootstrap(n, losses: dict, ses: dict | None = None, *, draws: int = 1000, se
     out["intervals"][v] = {k: _interval(arr[:, i]) for i, k in enumerate(("a", "b", "c", "at_largest"))}
   for v, g in gaps.items():
     out["gaps"][v] = {"at_largest_interval": _interval(g["at_largest"]), "slope_interval": _interval(g["slope"])}
+  if keep_samples:
+    out["samples"] = {v: [list(x[:3]) for x in s] for v, s in samples.items()}
   return out

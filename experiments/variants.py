@@ -8,9 +8,9 @@ The question (docs/quantisers.md, "The successors"): at equal tokens, how much d
 b1.58 (W1.58A8) and FP? The papers' answers at 400M-7B parameters and 100B tokens: v2 with 8-bit activations
 matches b1.58, v2 with 4-bit activations and a4.8 lose a little (a4.8 Table 1; v2 Table 1).
 
-Per size (`--sizes`, default s1 and s2 of experiments/scaling.py) and variant (`--variants`, default fp, b158, a48,
+Per size (`--sizes`, default s1 and s2 of experiments/sizes.py) and variant (`--variants`, default fp, b158, a48,
 v2_a8, v2_a4, b158_seq), the runs are `lr_sweep.run_sweep`'s: the variant's `-small` recipe at this size with the
-scaling sweep's tokens, data order and seed, the whole learning-rate schedule scaled to each peak of a factor-2
+fixed-token runs' 1.2M tokens, data order and seed, the whole learning-rate schedule scaled to each peak of a factor-2
 grid (`GRIDS`, around each recipe family's optimum in the committed learning-rate sweep). Where the best run sits
 at an edge of its grid, the grid is extended by one factor-2 step on that side, up to `--extend` times, so that
 the chosen rate is an interior minimum. a4.8 and v2-a4 train with their two-stage recipe (8-bit activations for
@@ -63,7 +63,7 @@ def _load(name: str):
 
 
 lr_sweep = _load("lr_sweep")
-scaling = lr_sweep.scaling
+sizes = lr_sweep.sizes
 
 VARIANTS = ("fp", "b158", "a48", "v2_a8", "v2_a4", "b158_seq")
 LABELS = {"fp": "FP (LLaMA-like)", "b158": "b1.58 (W1.58A8)", "a48": "a4.8 (A4 + top-K A8)",
@@ -172,7 +172,7 @@ def step_times(size, variants, tokens: int, seed: int, smoke: bool, steps: int) 
   """Median seconds per train step of each variant at this size, the variants interleaved over 3 rounds."""
   built = {}
   for v in variants:
-    config = scaling.run_config(v, size, tokens, seed, smoke)
+    config = sizes.run_config(v, size, tokens, seed, smoke)
     model, optimizer = nnx.jit(train._model_and_optimizer(train.model_config_from(config), config.optim,
                                                           config.train.steps))()
     batch = jnp.zeros((config.train.batch_size, config.train.seq_len + 1), jnp.int32)
@@ -194,9 +194,9 @@ def step_times(size, variants, tokens: int, seed: int, smoke: bool, steps: int) 
 def plot(runs: list[dict], best: dict, out: Path) -> None:
   """Per size: each variant's final eval loss against the peak learning rate (the runs' own evaluation), and its
   best run's loss minus b158's on the report's validation sequences, with +-2 paired standard errors."""
-  sizes = sorted({r["size"] for r in runs})
-  fig, axes = plt.subplots(len(sizes), 2, figsize=(12, 4.5 * len(sizes)), squeeze=False)
-  for (ax, bars), size in zip(axes, sizes):
+  names = sorted({r["size"] for r in runs})
+  fig, axes = plt.subplots(len(names), 2, figsize=(12, 4.5 * len(names)), squeeze=False)
+  for (ax, bars), size in zip(axes, names):
     for variant in dict.fromkeys(r["variant"] for r in runs):
       rows = sorted((r for r in runs if r["size"] == size and r["variant"] == variant and not r["diverged"]),
                     key=lambda r: r["lr"])
@@ -276,7 +276,7 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
   parser.add_argument("--workdir", default="runs/variants", help="one folder per size, one run per (variant, lr)")
   parser.add_argument("--out", default="experiments/results", help="where variants.json and variants.png go")
-  parser.add_argument("--sizes", nargs="+", default=list(DEFAULT_SIZES), help=f"of {tuple(scaling.SIZES)}")
+  parser.add_argument("--sizes", nargs="+", default=list(DEFAULT_SIZES), help=f"of {tuple(sizes.SIZES)}")
   parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"of {VARIANTS}")
   parser.add_argument("--tokens", type=int, default=1_200_000, help="training tokens per run")
   parser.add_argument("--extend", type=int, default=3, help="grid extensions while the best rate is at an edge")
@@ -289,7 +289,7 @@ def main(argv=None) -> dict:
   unknown = [v for v in args.variants if v not in VARIANTS]
   if unknown or len(set(args.variants)) < len(args.variants):
     parser.error(f"--variants must be distinct names of {VARIANTS}, got {args.variants}")
-  size_table = scaling.SMOKE_SIZES if args.smoke else scaling.SIZES
+  size_table = sizes.SMOKE_SIZES if args.smoke else sizes.SIZES
   bad = [s for s in args.sizes if s not in size_table]
   if bad:
     parser.error(f"--sizes must be of {tuple(size_table)}, got {bad}")

@@ -129,11 +129,11 @@ def test_diverged_runs_are_recorded_skipped_on_rerun_and_the_optimum_is_the_mini
 
 def test_with_lr_scales_the_whole_schedule():
   for variant in ("fp", "b158", "bitnet"):
-    base = lr_sweep.scaling.run_config(variant, (64, 2, 4), 1_200_000, 0, False)
+    base = lr_sweep.sizes.run_config(variant, (64, 2, 4), 1_200_000, 0, False)
     steps = base.train.steps
     lr0 = base.optim.lr
     before = optim.learning_rate_schedule(base.optim.copy_and_resolve_references(), steps)
-    scaled = lr_sweep.with_lr(lr_sweep.scaling.run_config(variant, (64, 2, 4), 1_200_000, 0, False), 8 * lr0)
+    scaled = lr_sweep.with_lr(lr_sweep.sizes.run_config(variant, (64, 2, 4), 1_200_000, 0, False), 8 * lr0)
     after = optim.learning_rate_schedule(scaled.optim.copy_and_resolve_references(), steps)
     grid = np.arange(0, steps + 1, 7)
     np.testing.assert_allclose([float(after(s)) for s in grid], [8 * float(before(s)) for s in grid], rtol=1e-5,

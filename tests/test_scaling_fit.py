@@ -90,6 +90,18 @@ def test_paired_bootstrap_covers_the_true_parameters_and_the_true_gap():
   assert lo <= true_slope <= hi and hi < 0                         # the gap shrinks, and the interval says so
 
 
+def test_bootstrap_keeps_its_draws_on_request_and_they_make_its_intervals():
+  losses = {"fp": sf.law(N, *FP), "b158": sf.law(N, *Q)}
+  ses = {"fp": np.full(6, 0.003), "b158": np.full(6, 0.003)}
+  plain = sf.bootstrap(N, losses, ses, draws=15, seed=2)
+  kept = sf.bootstrap(N, losses, ses, draws=15, seed=2, keep_samples=True)
+  assert "samples" not in plain and kept["intervals"] == plain["intervals"]   # the same draws either way
+  for v in losses:
+    abc = np.asarray(kept["samples"][v])
+    assert abc.shape == (15, 3)
+    assert kept["intervals"][v]["b"] == pytest.approx(list(np.percentile(abc[:, 1], [2.5, 97.5])))
+
+
 def test_gap_slope_and_the_identification_rule_for_c():
   assert sf.gap_slope([1e4, 1e5, 1e6], [0.3, 0.2, 0.1]) == pytest.approx(-0.1)
   assert sf.c_identified([0.5, 1.0], loss_min=1.5)
