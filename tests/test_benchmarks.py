@@ -1,5 +1,6 @@
 """The benchmark scripts in benchmarks/ run end to end on a CPU, so a GPU session spends its time measuring, not
-debugging them: benchmarks/matvec.py with every kernel row in the Pallas interpreter (`--interpret`)."""
+debugging them: benchmarks/matvec.py with every kernel row in the Pallas interpreter (`--interpret`), the train
+step against the PyTorch peer, and CPU decoding against llama.cpp."""
 
 from __future__ import annotations
 
@@ -49,6 +50,21 @@ def test_train_step_benchmark_runs_ours_and_the_peer_in_one_table():
   assert rows["fp 2B4T"][2] == "1.000" and float(rows["b158 2B4T"][3]) > 0, out   # ratios to our fp, to the peer
   assert "torch 2." in out and " cores; " in out, out   # versions and the CPU the figures came from
   assert "| dots | transposes and copies |" in profile and "| b158 2B4T |" in profile, out
+
+
+def test_cpu_decode_times_ours_and_llama_cpp_on_one_exported_model():
+  """benchmarks/cpu_decode.py on tiny dims: both of our forms and llama.cpp decode the same exported b1.58 model,
+  each with a positive speed, and agree on the greedy tokens (every matmul input 256 wide: the same activation
+  quantisation in both engines)."""
+  out = subprocess.run([sys.executable, "benchmarks/cpu_decode.py", "--d-model", "256", "--layers", "1",
+                        "--prompt", "4", "--new-tokens", "8", "--repeats", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900, check=True).stdout
+  rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.split("|")[1:-1]]
+                                            for line in out.splitlines() if line.startswith("| "))}
+  for name in ("ours, b158 dense", "ours, b158 packed", "llama.cpp, TQ2_0"):
+    assert float(rows[name][0]) > 0, (name, out)
+    assert float(rows[name][4].rstrip("%")) >= 75, (name, out)   # greedy tokens equal to llama.cpp's
+  assert rows["llama.cpp, TQ2_0"][2] == "1.00x" and "jax " in out and " cores)" in out, out
 
 
 def test_faults_script_runs_its_cases_and_counts_them(tmp_path):
