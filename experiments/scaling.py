@@ -1,7 +1,7 @@
 """experiments/scaling: L(N) of fp, BitNet and b1.58, each point at its own tuned learning rate (-> experiments).
 
     .venv/bin/python experiments/scaling.py            # 7 sizes x 3 variants x ~3.5 rates + 1 seed: ~2 h
-    .venv/bin/python experiments/scaling.py --smoke    # the same code path, tiny
+    .venv/bin/python experiments/scaling.py --smoke    # the same code path, tiny: about 2 minutes on 2 cores
     .venv/bin/python experiments/scaling.py --report   # fits and plots of the runs recorded so far
 
 The design (the first, fixed-token sweep with recipe learning rates is in git history before this file):
