@@ -117,10 +117,6 @@ def evaluate(run_dir: Path, eval_batches: int) -> dict:
   return out
 
 
-def _seed(record: dict, args) -> int:
-  return record.get("seed", args.seed)   # runs recorded before replicates existed are the base seed's
-
-
 def train_point(workdir: Path, variant: str, size_name: str, size, lr: float, args, seed: int | None = None) -> dict:
   """Trains (or finds finished on disk) one (variant, size, lr, seed) run and evaluates it; its record."""
   seed = args.seed if seed is None else seed
@@ -182,7 +178,7 @@ def sweep_point(workdir, variant, size_name, size, centre, records, args, save, 
   """Every run of one (variant, size): the grid around `centre`, extended while the best sits at an edge."""
   grid = [_snap(centre) * f for f in ((1.0, 2.0) if args.smoke else (0.5, 1.0, 2.0))]
   mine = lambda: [r for r in records
-                  if r["variant"] == variant and r["size"] == size_name and _seed(r, args) == args.seed]
+                  if r["variant"] == variant and r["size"] == size_name and r["seed"] == args.seed]
   for extension in range(args.extend + 1):
     for lr in grid:
       if not any(math.isclose(r["lr"], lr) for r in mine()):
@@ -202,7 +198,7 @@ def sweep_point(workdir, variant, size_name, size, centre, records, args, save, 
 def replicate_point(workdir, variant, size_name, size, opt, records, args, save, bar, cost) -> None:
   """The chosen learning rate of one (variant, size) trained again at seeds base + 1 ... base + seeds - 1."""
   for seed in range(args.seed + 1, args.seed + args.seeds):
-    if opt["lr"] is not None and not any(r["variant"] == variant and r["size"] == size_name and _seed(r, args) == seed
+    if opt["lr"] is not None and not any(r["variant"] == variant and r["size"] == size_name and r["seed"] == seed
                                          and math.isclose(r["lr"], opt["lr"]) for r in records):
       bar.set_postfix_str(f"{size_name} {variant} lr {opt['lr']:.4g} seed {seed}")
       records.append(train_point(workdir, variant, size_name, size, opt["lr"], args, seed=seed))
@@ -220,8 +216,7 @@ def merge_seeds(runs: list[dict]) -> dict:
   ok = [r for r in runs if not r["diverged"]]
   seqs = np.mean([r["test_sequence_losses"] for r in ok], axis=0)
   se = float(seqs.std(ddof=1) / math.sqrt(len(seqs)))
-  return {**runs[0], "seeds": [r["seed"] if "seed" in r else None for r in ok],
-          "seeds_diverged": [r.get("seed") for r in runs if r["diverged"]],
+  return {**runs[0], "seeds": [r["seed"] for r in ok], "seeds_diverged": [r["seed"] for r in runs if r["diverged"]],
           "test_loss_by_seed": [r["test_loss"] for r in ok], "test_loss": float(np.mean([r["test_loss"] for r in ok])),
           "test_loss_se_sequences": se, "test_loss_se": se, "test_sequence_losses": [round(float(x), 4) for x in seqs]}
 
@@ -246,7 +241,7 @@ def selected(records: list[dict], done: dict, variants, base_seed: int = 0) -> t
       if opt["best"] is None:
         continue
       reps = [r for r in records if r["variant"] == v and r["size"] == s and math.isclose(r["lr"], opt["best"]["lr"])
-              and r.get("seed", base_seed) != base_seed]
+              and r["seed"] != base_seed]
       rows.append(merge_seeds([opt["best"], *sorted(reps, key=lambda r: r["seed"])]))
     noise[v] = seed_variance(rows)
     for p in rows:
@@ -367,6 +362,8 @@ def main(argv=None) -> dict:
     old = json.loads(path.read_text())
     if old.get("setting") == json.loads(json.dumps(setting)):
       records = old["runs"]   # recorded runs are never trained again
+      for r in records:      # runs recorded before replicates existed are the base seed's
+        r.setdefault("seed", args.seed)
   n_of = {(v, s): count_params(train.model_config_from(run_config(v, ladder[s], 1, 1e-3, 0, args.smoke)))
           for v in args.variants for s in sizes}
   if not args.smoke:   # the largest run must see each training token at most once
@@ -396,7 +393,7 @@ def main(argv=None) -> dict:
                  if done[v][t]["lr_star"] is not None]
         if args.report:   # finished: an interior optimum, or every extension spent (a sweep still running
           mine = [r for r in records if r["variant"] == v and r["size"] == s   # may hold unfinished points)
-                  and _seed(r, args) == args.seed]
+                  and r["seed"] == args.seed]
           opt = lr_optimum(mine) if mine else None
           if opt and (opt["at_edge"] is None or len(mine) >= grid_len + args.extend):
             done[v][s] = opt

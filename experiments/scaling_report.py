@@ -61,8 +61,8 @@ def plot(records: list[dict], chosen: dict, analysis: dict, out: Path, base_seed
     for k, s in enumerate(sizes):
       rows = sorted((r for r in records if r["variant"] == v and r["size"] == s and not r["diverged"]),
                     key=lambda r: r["lr"])
-      grid = [r for r in rows if r.get("seed", base_seed) == base_seed]
-      other = [r for r in rows if r.get("seed", base_seed) != base_seed]
+      grid = [r for r in rows if r["seed"] == base_seed]
+      other = [r for r in rows if r["seed"] != base_seed]
       color = cmap(k / max(len(sizes) - 1, 1))
       if grid:
         ax.plot([r["lr"] for r in grid], [r["val_loss"] for r in grid], "o-", ms=3, color=color, label=s)
