@@ -102,26 +102,22 @@ print(f"{len(runs)} runs ({sum(r['diverged'] for r in runs)} diverged); {setting
 VARIANTS = [v for v in ("fp", "bitnet", "b158") if results["done"].get(v)]
 
 
-def chosen(variant):
-  """The run chosen for each finished size: the learning rate with the best validation loss, N ascending."""
-  best = results["lr_optima"][variant]
-  rows = [r for r in runs if r["variant"] == variant and r["size"] in best and r["lr"] == best[r["size"]]["lr"]]
-  return sorted(rows, key=lambda r: r["n_params"])
-
-
-rows = ["| variant | size | N (non-embedding) | tokens | lr (best on validation) | test loss (nats/byte) |",
-        "|---|---|---|---|---|---|"]
+# Each point: the learning rate with the best validation loss (seed 0), its test loss averaged over the seeds
+# trained at that rate, and a standard error that holds the seeds' spread as well as the test sample's.
+points = {v: {p["size"]: p for p in results["points"][v]} for v in VARIANTS}
+rows = ["| variant | size | N (non-embedding) | tokens | lr (best on validation) | seeds | test loss (nats/byte) |",
+        "|---|---|---|---|---|---|---|"]
 for v in VARIANTS:
-  for r in chosen(v):
-    rows.append(f"| {v} | {r['size']} | {r['n_params']:,} | {r['tokens']:,} | {r['lr']:.4g} | "
-                f"{r['test_loss']:.4f} +- {r['test_loss_se']:.4f} |")
+  for p in points[v].values():
+    rows.append(f"| {v} | {p['size']} | {p['n_params']:,} | {p['tokens']:,} | {p['lr']:.4g} | {len(p['seeds'])} | "
+                f"{p['test_loss']:.4f} +- {p['test_loss_se']:.4f} |")
 display(Markdown("\n".join(rows)))
 
 # %% [markdown]
 # ## Fitting $L(N) = aN^b + c$ with bootstrap bands
 #
 # Per variant: the Huber loss of log residuals from a grid of starts (`experiments/scaling_fit.py`, as in the
-# Chinchilla replication literature) on the test loss of each size's chosen run. The band is a paired 95%
+# Chinchilla replication literature) on the test loss of each size's chosen point. The band is a paired 95%
 # bootstrap: resample the sizes with replacement (the same sizes for every variant), perturb each loss by its
 # standard error, re-fit, and take the 2.5 and 97.5 percentiles of the fitted curves at every $N$. The crosses
 # are the held-out check: a fit on all sizes but the largest, predicting the largest.
@@ -130,12 +126,10 @@ display(Markdown("\n".join(rows)))
 DRAWS = 30 if SMALL else 300
 COLORS = {"fp": "tab:blue", "bitnet": "tab:orange", "b158": "tab:red"}
 LABELS = {"fp": "FP (LLaMA-like)", "bitnet": "BitNet (W1A8)", "b158": "BitNet b1.58 (W1.58A8)"}
-sizes = sorted(set.intersection(*[{r["size"] for r in chosen(v)} for v in VARIANTS]),
-               key=lambda s: chosen("fp")[[r["size"] for r in chosen("fp")].index(s)]["n_params"])
-pick = {v: {r["size"]: r for r in chosen(v)} for v in VARIANTS}
-n = np.array([pick["fp"][s]["n_params"] for s in sizes], float)
-loss = {v: np.array([pick[v][s]["test_loss"] for s in sizes]) for v in VARIANTS}
-se = {v: np.array([pick[v][s]["test_loss_se"] for s in sizes]) for v in VARIANTS}
+sizes = results["analysis"]["common_sizes"]   # the sizes every variant has finished, N ascending
+n = np.array([points["fp"][s]["n_params"] for s in sizes], float)
+loss = {v: np.array([points[v][s]["test_loss"] for s in sizes]) for v in VARIANTS}
+se = {v: np.array([points[v][s]["test_loss_se"] for s in sizes]) for v in VARIANTS}
 boot = sf.bootstrap(n, loss, se, draws=DRAWS, seed=0, keep_samples=True, screen=10 if SMALL else None)
 
 fig, ax = plt.subplots(figsize=(8, 5))
@@ -168,17 +162,17 @@ plt.show()
 #
 # The papers' claim is a positive gap (quantised loss above FP) that shrinks towards zero as $N$ grows. Each
 # gap's error bar is two paired standard errors: the two models are scored on the same test sequences, so the
-# sequences' own spread in difficulty cancels. The slope is the least-squares change of the gap per decade of
-# $N$, with its bootstrap interval; one seed per point, so training noise is part of the scatter.
+# sequences' own spread in difficulty cancels, and both models' seed-to-seed spread is added. The slope is the
+# least-squares change of the gap per decade of $N$, with its bootstrap interval.
 
 # %%
 fig, ax = plt.subplots(figsize=(7, 4))
 for v in VARIANTS:
   if v == "fp":
     continue
-  d = [np.subtract(pick[v][s]["test_sequence_losses"], pick["fp"][s]["test_sequence_losses"]) for s in sizes]
-  gap = np.array([x.mean() for x in d])
-  paired_se = np.array([x.std(ddof=1) / np.sqrt(len(x)) for x in d])
+  gaps = results["analysis"]["gaps"]   # per size, with the paired standard error the sweep computed
+  gap = np.array([g[f"{v}_minus_fp"] for g in gaps])
+  paired_se = np.array([g[f"{v}_minus_fp_se"] for g in gaps])
   lo, hi = boot["gaps"][v]["slope_interval"]
   ax.errorbar(n, gap, yerr=2 * paired_se, fmt="o-", color=COLORS[v],
               label=f"{LABELS[v]} - FP: {sf.gap_slope(n, gap):+.3f} per decade (95% [{lo:+.3f}, {hi:+.3f}])")

@@ -27,8 +27,8 @@ The design (the first, fixed-token sweep with recipe learning rates is in git hi
     paired errors add both variants'. One seed alone understates the error several times at these sizes.
   * Mechanics: every finished run is written to OUT/scaling.json at once (atomically); a run recorded there
     is never trained again, even without its run directory, so the sweep resumes across sessions from the
-    committed file. `done` in the file says which (variant, size) points' grids are finished, `seeds` which
-    seeds each point has. Plot and tables: `experiments/scaling_report.py`.
+    committed file. `done` in the file says which (variant, size) points' grids are finished; `points` holds
+    each chosen point (rate, seeds, mean test loss and its s.e.). Plot and tables: `experiments/scaling_report.py`.
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ BATCH, SEQ = 8, 128
 FIRST_LR = {"fp": 4e-3, "bitnet": 1.6e-2, "b158": 1.6e-2}
 LATTICE = 1e-3     # every learning rate is 1e-3 x 2^k, so grids of neighbouring sizes share points
 TEST_FRACTION = 0.02
+# what the results file's "points" keep of each chosen point (`selected`): what the fits and the tables read
+POINT_KEYS = ("size", "n_params", "tokens", "lr", "seeds", "test_loss_by_seed", "test_loss", "test_loss_se")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -174,11 +176,16 @@ def grid_centre(variant: str, done: list[tuple[float, float]], n_next: float) ->
   return float(np.clip(np.exp(icpt + slope * np.log(n_next)), last / 2, last * 2))
 
 
+def runs_of(records: list[dict], variant: str, size_name: str, seed: int, lr: float | None = None) -> list[dict]:
+  """The recorded runs of one (variant, size) at `seed` (and at `lr`, when given)."""
+  return [r for r in records if r["variant"] == variant and r["size"] == size_name and r["seed"] == seed
+          and (lr is None or math.isclose(r["lr"], lr))]
+
+
 def sweep_point(workdir, variant, size_name, size, centre, records, args, save, bar, cost) -> dict:
   """Every run of one (variant, size): the grid around `centre`, extended while the best sits at an edge."""
   grid = [_snap(centre) * f for f in ((1.0, 2.0) if args.smoke else (0.5, 1.0, 2.0))]
-  mine = lambda: [r for r in records
-                  if r["variant"] == variant and r["size"] == size_name and r["seed"] == args.seed]
+  mine = lambda: runs_of(records, variant, size_name, args.seed)
   for extension in range(args.extend + 1):
     for lr in grid:
       if not any(math.isclose(r["lr"], lr) for r in mine()):
@@ -198,8 +205,7 @@ def sweep_point(workdir, variant, size_name, size, centre, records, args, save, 
 def replicate_point(workdir, variant, size_name, size, opt, records, args, save, bar, cost) -> None:
   """The chosen learning rate of one (variant, size) trained again at seeds base + 1 ... base + seeds - 1."""
   for seed in range(args.seed + 1, args.seed + args.seeds):
-    if opt["lr"] is not None and not any(r["variant"] == variant and r["size"] == size_name and r["seed"] == seed
-                                         and math.isclose(r["lr"], opt["lr"]) for r in records):
+    if opt["lr"] is not None and not runs_of(records, variant, size_name, seed, opt["lr"]):
       bar.set_postfix_str(f"{size_name} {variant} lr {opt['lr']:.4g} seed {seed}")
       records.append(train_point(workdir, variant, size_name, size, opt["lr"], args, seed=seed))
       save()
@@ -223,11 +229,11 @@ def merge_seeds(runs: list[dict]) -> dict:
 
 def seed_variance(points: list[dict]) -> dict:
   """The between-seed variance of the test loss, pooled over the points that have two seeds or more (the test
-  sequences are the same for every seed, so this is training noise alone): {"var", "dof", "points"}."""
+  sequences are the same for every seed, so this is training noise alone): {"var", "sd", "dof", "points"}."""
   many = [p["test_loss_by_seed"] for p in points if len(p["test_loss_by_seed"]) > 1]
   dof = sum(len(x) - 1 for x in many)
   var = sum(float(np.var(x, ddof=1)) * (len(x) - 1) for x in many) / dof if dof else None
-  return {"var": var, "dof": dof, "points": len(many)}
+  return {"var": var, "sd": None if var is None else math.sqrt(var), "dof": dof, "points": len(many)}
 
 
 def selected(records: list[dict], done: dict, variants, base_seed: int = 0) -> tuple[dict, dict]:
@@ -392,8 +398,7 @@ def main(argv=None) -> dict:
         prior = [(done[v][t]["best"]["n_params"], done[v][t]["lr_star"]) for t in done[v]
                  if done[v][t]["lr_star"] is not None]
         if args.report:   # finished: an interior optimum, or every extension spent (a sweep still running
-          mine = [r for r in records if r["variant"] == v and r["size"] == s   # may hold unfinished points)
-                  and r["seed"] == args.seed]
+          mine = runs_of(records, v, s, args.seed)   # may hold unfinished points)
           opt = lr_optimum(mine) if mine else None
           if opt and (opt["at_edge"] is None or len(mine) >= grid_len + args.extend):
             done[v][s] = opt
@@ -404,9 +409,9 @@ def main(argv=None) -> dict:
         replicate_point(workdir, v, s, ladder[s], done[v][s], records, args, save, bar, cost[(v, s)])
   chosen, noise = selected(records, done, args.variants, args.seed)
   analysis = analyse(chosen, 20 if args.smoke else args.bootstrap, args.seed, screen=10 if args.smoke else None)
-  analysis["seed_noise"] = {v: {**x, "sd": None if x["var"] is None else math.sqrt(x["var"])} for v, x in noise.items()}
+  analysis["seed_noise"] = noise
   result = {"setting": setting, "runs": records, "done": {v: sorted(d) for v, d in done.items()},
-            "seeds": {v: {p["size"]: p["seeds"] for p in rows} for v, rows in chosen.items()},
+            "points": {v: [{k: p[k] for k in POINT_KEYS} for p in rows] for v, rows in chosen.items()},
             "lr_optima": {v: {s: {k: o[k] for k in ("lr", "lr_star", "at_edge")} for s, o in d.items()}
                           for v, d in done.items()},
             "analysis": analysis, "wall_s_this_invocation": time.perf_counter() - t0,

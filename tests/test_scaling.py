@@ -102,7 +102,7 @@ def test_seed_replicates_are_averaged_and_their_spread_enters_the_errors():
   # pooled over points, weighted by degrees of freedom: (0.02 x 1 + 0 x 2) / 3
   q = {"test_loss_by_seed": [1.0, 1.0, 1.0]}
   assert scaling.seed_variance([p, q, {"test_loss_by_seed": [5.0]}]) == {
-      "var": pytest.approx(0.02 / 3), "dof": 3, "points": 2}
+      "var": pytest.approx(0.02 / 3), "sd": pytest.approx(math.sqrt(0.02 / 3)), "dof": 3, "points": 2}
   assert scaling.seed_variance([{"test_loss_by_seed": [5.0]}])["var"] is None   # one seed: noise not measured
   # selected(): the base seed's best run chooses the rate; replicates at other rates are ignored
   stray = _point(1, 9.0, [9.0] * 4, lr=0.02)
@@ -123,7 +123,9 @@ def test_smoke_replicates_the_chosen_rate_at_a_second_seed_once(tmp_path, monkey
   reps = [r for r in result["runs"] if r["seed"] == 1]
   best = min(grid, key=lambda r: r["val_loss"])
   assert len(grid) == 2 and len(reps) == 1 and reps[0]["lr"] == best["lr"]
-  assert result["seeds"] == {"fp": {"t0": [0, 1]}}
+  point = result["points"]["fp"][0]
+  assert point["seeds"] == [0, 1]
+  assert point["test_loss"] == pytest.approx((best["test_loss"] + reps[0]["test_loss"]) / 2)
   assert reps[0]["test_loss"] != best["test_loss"]   # another initialisation and data order: another model
   monkeypatch.setattr(train, "train_and_evaluate", lambda *a, **k: pytest.fail("a recorded run was trained again"))
   assert scaling.main(argv)["runs"] == result["runs"]
